@@ -1,0 +1,238 @@
+// CPU reference twins of kernels/elementwise.h: plain loops, every value computed in double and
+// rounded once into the element type, reductions accumulated in double.
+#include "kernels/elementwise.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels/rng.h"
+
+namespace deeplora::kernels::cpu {
+namespace {
+
+template <class T> struct Tag { using type = T; };
+
+inline double ld(float v) { return v; }
+inline double ld(double v) { return v; }
+inline double ld(bf16 v) { return double(float(v)); }
+inline double ld(int32_t v) { return v; }
+
+// Correctly rounded double -> bf16, as __double2bfloat16 / cvt.rn.bf16.f64 on the GPU: round to
+// odd into float first, so the second rounding (float -> bf16, nearest even) cannot double-round.
+inline bf16 bf16_from_double(double x) {
+  float f = float(x);
+  if (double(f) != x && !std::isnan(x)) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((x > 0 && double(f) > x) || (x < 0 && double(f) < x)) u--;  // float neighbour toward zero
+    u |= 1u;
+    std::memcpy(&f, &u, 4);
+  }
+  return bf16(f);
+}
+
+template <class T> T st(double v);
+template <> float st<float>(double v) { return float(v); }
+template <> double st<double>(double v) { return v; }
+template <> bf16 st<bf16>(double v) { return bf16_from_double(v); }
+// Truncation toward zero, saturating at the int32 range, NaN -> 0 (what cvt.rzi.s32 does on GPU).
+template <> int32_t st<int32_t>(double v) {
+  if (std::isnan(v)) return 0;
+  if (v >= 2147483647.0) return std::numeric_limits<int32_t>::max();
+  if (v <= -2147483648.0) return std::numeric_limits<int32_t>::min();
+  return int32_t(v);
+}
+
+[[noreturn]] void bad_dtype(const char* op, DType dt, const char* allowed) {
+  throw std::invalid_argument(
+      fmt::format("kernels::cpu::{}: dtype {} is not supported ({})", op, dtype_name(dt), allowed));
+}
+
+template <class F> void float_dispatch(DType dt, const char* op, F&& f) {
+  switch (dt) {
+    case DType::f32: f(Tag<float>{}); return;
+    case DType::bf16: f(Tag<bf16>{}); return;
+    case DType::f64: f(Tag<double>{}); return;
+    default: bad_dtype(op, dt, "f32, bf16 or f64");
+  }
+}
+
+template <class F> void any_dispatch(DType dt, const char* op, F&& f) {
+  switch (dt) {
+    case DType::f32: f(Tag<float>{}); return;
+    case DType::bf16: f(Tag<bf16>{}); return;
+    case DType::f64: f(Tag<double>{}); return;
+    case DType::i32: f(Tag<int32_t>{}); return;
+  }
+  bad_dtype(op, dt, "f32, bf16, f64 or i32");
+}
+
+constexpr double kSqrt2OverPi = 0.79788456080286535587989211986876;
+constexpr double kGeluC = 0.044715;
+
+}  // namespace
+
+void fill(DType dt, void* y, int64_t n, double v, cudaStream_t) {
+  any_dispatch(dt, "fill", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* py = static_cast<T*>(y);
+    const T tv = st<T>(v);
+    for (int64_t i = 0; i < n; ++i) py[i] = tv;
+  });
+}
+
+void rand_normal(DType dt, void* y, int64_t n, uint64_t seed, double stddev, cudaStream_t) {
+  float_dispatch(dt, "rand_normal", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* py = static_cast<T*>(y);
+    for (int64_t i = 0; i < n; ++i) py[i] = st<T>(rng::normal(seed, uint64_t(i), stddev));
+  });
+}
+
+void rand_uniform(DType dt, void* y, int64_t n, uint64_t seed, double lo, double hi, cudaStream_t) {
+  float_dispatch(dt, "rand_uniform", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* py = static_cast<T*>(y);
+    for (int64_t i = 0; i < n; ++i) py[i] = st<T>(rng::uniform(seed, uint64_t(i), lo, hi));
+  });
+}
+
+// Every source value is exact in double, so each pair rounds exactly once. float -> i32 truncates
+// toward zero (saturating, NaN -> 0).
+void cast(DType src, const void* x, DType dst, void* y, int64_t n, cudaStream_t) {
+  any_dispatch(src, "cast", [&](auto stag) {
+    using S = typename decltype(stag)::type;
+    any_dispatch(dst, "cast", [&](auto dtag) {
+      using D = typename decltype(dtag)::type;
+      const S* px = static_cast<const S*>(x);
+      D* py = static_cast<D*>(y);
+      for (int64_t i = 0; i < n; ++i) py[i] = st<D>(ld(px[i]));
+    });
+  });
+}
+
+void add(DType dt, const void* a, const void* b, void* y, int64_t n, cudaStream_t) {
+  float_dispatch(dt, "add", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* pa = static_cast<const T*>(a);
+    const T* pb = static_cast<const T*>(b);
+    T* py = static_cast<T*>(y);
+    for (int64_t i = 0; i < n; ++i) py[i] = st<T>(ld(pa[i]) + ld(pb[i]));
+  });
+}
+
+void acc(DType dt, const void* x, void* y, int64_t n, double alpha, cudaStream_t) {
+  float_dispatch(dt, "acc", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* px = static_cast<const T*>(x);
+    T* py = static_cast<T*>(y);
+    for (int64_t i = 0; i < n; ++i) py[i] = st<T>(ld(py[i]) + alpha * ld(px[i]));
+  });
+}
+
+void mul(DType dt, const void* a, const void* b, void* y, int64_t n, cudaStream_t) {
+  float_dispatch(dt, "mul", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* pa = static_cast<const T*>(a);
+    const T* pb = static_cast<const T*>(b);
+    T* py = static_cast<T*>(y);
+    for (int64_t i = 0; i < n; ++i) py[i] = st<T>(ld(pa[i]) * ld(pb[i]));
+  });
+}
+
+void mul_acc(DType dt, const void* a, const void* b, void* y, int64_t n, cudaStream_t) {
+  float_dispatch(dt, "mul_acc", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* pa = static_cast<const T*>(a);
+    const T* pb = static_cast<const T*>(b);
+    T* py = static_cast<T*>(y);
+    for (int64_t i = 0; i < n; ++i) py[i] = st<T>(ld(py[i]) + ld(pa[i]) * ld(pb[i]));
+  });
+}
+
+void scale(DType dt, const void* x, void* y, int64_t n, double alpha, cudaStream_t) {
+  float_dispatch(dt, "scale", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* px = static_cast<const T*>(x);
+    T* py = static_cast<T*>(y);
+    for (int64_t i = 0; i < n; ++i) py[i] = st<T>(alpha * ld(px[i]));
+  });
+}
+
+void acc_broadcast(DType dt, const void* g, void* y, int64_t n, double alpha, cudaStream_t) {
+  float_dispatch(dt, "acc_broadcast", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const double v = alpha * ld(*static_cast<const T*>(g));
+    T* py = static_cast<T*>(y);
+    for (int64_t i = 0; i < n; ++i) py[i] = st<T>(ld(py[i]) + v);
+  });
+}
+
+void gelu_fwd(DType dt, const void* x, void* y, int64_t n, cudaStream_t) {
+  float_dispatch(dt, "gelu_fwd", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* px = static_cast<const T*>(x);
+    T* py = static_cast<T*>(y);
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = ld(px[i]);
+      py[i] = st<T>(0.5 * v * (1.0 + std::tanh(kSqrt2OverPi * (v + kGeluC * v * v * v))));
+    }
+  });
+}
+
+// d/dx [0.5 x (1 + tanh u)] with u = k (x + c x^3):
+//   0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) k (1 + 3 c x^2)
+void gelu_bwd(DType dt, const void* x, const void* dy, void* dx, int64_t n, cudaStream_t) {
+  float_dispatch(dt, "gelu_bwd", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* px = static_cast<const T*>(x);
+    const T* pdy = static_cast<const T*>(dy);
+    T* pdx = static_cast<T*>(dx);
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = ld(px[i]);
+      const double th = std::tanh(kSqrt2OverPi * (v + kGeluC * v * v * v));
+      const double d = 0.5 * (1.0 + th) +
+                       0.5 * v * (1.0 - th * th) * kSqrt2OverPi * (1.0 + 3.0 * kGeluC * v * v);
+      pdx[i] = st<T>(ld(pdx[i]) + d * ld(pdy[i]));
+    }
+  });
+}
+
+void sum(DType dt, const void* x, int64_t n, void* out, cudaStream_t) {
+  float_dispatch(dt, "sum", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* px = static_cast<const T*>(x);
+    double s = 0.0;
+    for (int64_t i = 0; i < n; ++i) s += ld(px[i]);
+    *static_cast<T*>(out) = st<T>(s);
+  });
+}
+
+void colsum_acc(DType dt, const void* x, int64_t rows, int64_t cols, void* y, cudaStream_t) {
+  float_dispatch(dt, "colsum_acc", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* px = static_cast<const T*>(x);
+    T* py = static_cast<T*>(y);
+    std::vector<double> s(size_t(cols), 0.0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) s[c] += ld(px[r * cols + c]);
+    for (int64_t c = 0; c < cols; ++c) py[c] = st<T>(ld(py[c]) + s[c]);
+  });
+}
+
+void add_rowvec(DType dt, const void* b, void* y, int64_t rows, int64_t cols, cudaStream_t) {
+  float_dispatch(dt, "add_rowvec", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* pb = static_cast<const T*>(b);
+    T* py = static_cast<T*>(y);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) py[r * cols + c] = st<T>(ld(py[r * cols + c]) + ld(pb[c]));
+  });
+}
+
+}  // namespace deeplora::kernels::cpu

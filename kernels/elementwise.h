@@ -1,0 +1,43 @@
+// Elementwise kernels, casts, RNG fills, reductions. "acc" launchers accumulate (y += ...), which is
+// how every backward kernel writes: gradient buffers start at zero and sum their contributions.
+#pragma once
+#include "kernels/common.h"
+
+#define DEEPLORA_ELEMENTWISE_DECLS                                                                  \
+  /* y[i] = v */                                                                                    \
+  void fill(DType dt, void* y, int64_t n, double v, cudaStream_t s);                                \
+  /* Counter-based RNG (splitmix64 of seed and i, Box-Muller for normals): the same numbers on      \
+     every backend. */                                                                              \
+  void rand_normal(DType dt, void* y, int64_t n, uint64_t seed, double stddev, cudaStream_t s);     \
+  void rand_uniform(DType dt, void* y, int64_t n, uint64_t seed, double lo, double hi, cudaStream_t s); \
+  /* y = x converted (round to nearest even into bf16; i32 <-> float by value). */                  \
+  void cast(DType src, const void* x, DType dst, void* y, int64_t n, cudaStream_t s);               \
+  /* y = a + b */                                                                                   \
+  void add(DType dt, const void* a, const void* b, void* y, int64_t n, cudaStream_t s);             \
+  /* y += alpha * x */                                                                              \
+  void acc(DType dt, const void* x, void* y, int64_t n, double alpha, cudaStream_t s);              \
+  /* y = a * b */                                                                                   \
+  void mul(DType dt, const void* a, const void* b, void* y, int64_t n, cudaStream_t s);             \
+  /* y += a * b */                                                                                  \
+  void mul_acc(DType dt, const void* a, const void* b, void* y, int64_t n, cudaStream_t s);         \
+  /* y = alpha * x */                                                                               \
+  void scale(DType dt, const void* x, void* y, int64_t n, double alpha, cudaStream_t s);            \
+  /* y[i] += alpha * g[0]  (g: one element of dtype dt, on the same device) */                      \
+  void acc_broadcast(DType dt, const void* g, void* y, int64_t n, double alpha, cudaStream_t s);    \
+  /* GELU, tanh form as GPT-2: y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */               \
+  void gelu_fwd(DType dt, const void* x, void* y, int64_t n, cudaStream_t s);                       \
+  /* dx += gelu'(x) * dy */                                                                         \
+  void gelu_bwd(DType dt, const void* x, const void* dy, void* dx, int64_t n, cudaStream_t s);      \
+  /* out[0] = sum x (deterministic tree order; accumulates in f32, f64 for f64), out dtype = dt */  \
+  void sum(DType dt, const void* x, int64_t n, void* out, cudaStream_t s);                          \
+  /* y[c] += sum_r x[r, c]  (bias gradients), deterministic */                                      \
+  void colsum_acc(DType dt, const void* x, int64_t rows, int64_t cols, void* y, cudaStream_t s);    \
+  /* y[r, c] += b[c]  (bias add when no GEMM epilogue is used) */                                   \
+  void add_rowvec(DType dt, const void* b, void* y, int64_t rows, int64_t cols, cudaStream_t s);
+
+namespace deeplora::kernels::cpu {
+DEEPLORA_ELEMENTWISE_DECLS
+}
+namespace deeplora::kernels::cuda {
+DEEPLORA_ELEMENTWISE_DECLS
+}

@@ -1,0 +1,40 @@
+// Matrix products (cuBLASLt on the GPU: bf16 in / fp32 accumulate, f32 strict fp32, f64 fp64) and
+// causal multi-head self-attention.
+#pragma once
+#include "kernels/common.h"
+
+namespace deeplora::kernels {
+// Row-major GEMM description. C[b] = alpha * op(A[b]) op(B[b]) + beta * C[b] (+ bias[n] per row).
+// op(A) is M x K: A is stored M x K (lda >= K), or K x M when ta (lda >= M). Likewise B: K x N, or
+// N x K when tb. C: M x N (ldc >= N). Strides are element offsets between batch entries.
+// A, B, C, bias all have dtype dt. beta = 1 accumulates (backward passes rely on it).
+struct Gemm {
+  DType dt = DType::f32;
+  bool ta = false, tb = false;
+  int64_t M = 0, N = 0, K = 0;
+  double alpha = 1.0, beta = 0.0;
+  const void* A = nullptr; int64_t lda = 0, strideA = 0;
+  const void* B = nullptr; int64_t ldb = 0, strideB = 0;
+  void* C = nullptr; int64_t ldc = 0, strideC = 0;
+  int64_t batch = 1;
+  const void* bias = nullptr;  // length N, added to every row of C (forward only)
+};
+}  // namespace deeplora::kernels
+
+#define DEEPLORA_MATMUL_DECLS                                                                       \
+  void gemm(const Gemm& g, cudaStream_t s);                                                         \
+  /* Causal self-attention over qkv [B, T, 3C] laid out (q | k | v), heads of size C/H inside each. \
+     out [B, T, C]; lse [B, H, T] in stat_dtype(dt) (log-sum-exp of the scaled scores per query). \
+     Scale 1/sqrt(C/H). */                                                                          \
+  void attention_fwd(DType dt, const void* qkv, void* out, void* lse, int64_t B, int64_t T,         \
+                     int64_t C, int64_t H, cudaStream_t s);                                         \
+  /* dqkv += d(out)/d(qkv) applied to dout, from the saved out and lse. */                          \
+  void attention_bwd(DType dt, const void* qkv, const void* out, const void* lse, const void* dout, \
+                     void* dqkv, int64_t B, int64_t T, int64_t C, int64_t H, cudaStream_t s);
+
+namespace deeplora::kernels::cpu {
+DEEPLORA_MATMUL_DECLS
+}
+namespace deeplora::kernels::cuda {
+DEEPLORA_MATMUL_DECLS
+}

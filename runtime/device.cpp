@@ -1,0 +1,204 @@
+// The per-process CUDA context and the caching allocator; CPU aligned allocation.
+#include "runtime/device.h"
+
+#include <fmt/format.h>
+
+#include <cstdlib>
+#include <new>
+#include <stdexcept>
+
+#ifdef DEEPLORA_HAVE_CUDA
+#include "runtime/cuda_check.h"
+#endif
+
+namespace deeplora {
+
+void* cpu_alloc(size_t bytes) {
+  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+void cpu_free(void* p) { std::free(p); }
+
+#ifdef DEEPLORA_HAVE_CUDA
+
+void throw_cuda_error(const char* what, const char* err, const char* file, int line) {
+  throw std::runtime_error(fmt::format("{}:{}: {} failed: {}", file, line, what, err));
+}
+
+const char* cublas_status_string(cublasStatus_t s) { return cublasGetStatusString(s); }
+
+const char* cusolver_status_string(cusolverStatus_t s) {
+  switch (s) {
+    case CUSOLVER_STATUS_NOT_INITIALIZED: return "CUSOLVER_STATUS_NOT_INITIALIZED";
+    case CUSOLVER_STATUS_ALLOC_FAILED: return "CUSOLVER_STATUS_ALLOC_FAILED";
+    case CUSOLVER_STATUS_INVALID_VALUE: return "CUSOLVER_STATUS_INVALID_VALUE";
+    case CUSOLVER_STATUS_ARCH_MISMATCH: return "CUSOLVER_STATUS_ARCH_MISMATCH";
+    case CUSOLVER_STATUS_EXECUTION_FAILED: return "CUSOLVER_STATUS_EXECUTION_FAILED";
+    case CUSOLVER_STATUS_INTERNAL_ERROR: return "CUSOLVER_STATUS_INTERNAL_ERROR";
+    case CUSOLVER_STATUS_NOT_SUPPORTED: return "CUSOLVER_STATUS_NOT_SUPPORTED";
+    default: return "cusolver error";
+  }
+}
+
+static std::string g_unavailable;
+static int g_selected_device = 0;
+
+static bool probe_cuda() {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    g_unavailable = fmt::format("no CUDA device: {}", cudaGetErrorString(e));
+    cudaGetLastError();
+    return false;
+  }
+  if (n == 0) {
+    g_unavailable = "no CUDA device: cudaGetDeviceCount returned 0";
+    return false;
+  }
+  return true;
+}
+
+bool cuda_available() {
+  static bool ok = probe_cuda();
+  return ok;
+}
+
+std::string cuda_unavailable_reason() {
+  cuda_available();
+  return g_unavailable.empty() ? "CUDA is available" : g_unavailable;
+}
+
+void select_device(int device) { g_selected_device = device; }
+
+static DeviceContext* create_ctx() {
+  if (!cuda_available()) throw std::runtime_error("CUDA context requested but " + cuda_unavailable_reason());
+  auto* c = new DeviceContext();
+  c->device = g_selected_device;
+  CUDA_CHECK(cudaSetDevice(c->device));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+  CUBLAS_CHECK(cublasLtCreate(&c->cublaslt));
+  c->lt_workspace_bytes = size_t(64) << 20;  // Hopper kernels want >= 32 MiB for split-K etc.
+  CUDA_CHECK(cudaMalloc(&c->lt_workspace, c->lt_workspace_bytes));
+  CUSOLVER_CHECK(cusolverDnCreate(&c->cusolver));
+  CUSOLVER_CHECK(cusolverDnSetStream(c->cusolver, c->stream));
+  CUDA_CHECK(cudaDeviceGetAttribute(&c->sm_count, cudaDevAttrMultiProcessorCount, c->device));
+  return c;
+}
+
+DeviceContext& cuda_ctx() {
+  // Never destroyed: tensors freed during static destruction still find their allocator.
+  static DeviceContext* c = create_ctx();
+  return *c;
+}
+
+void cuda_sync() { CUDA_CHECK(cudaStreamSynchronize(cuda_ctx().stream)); }
+
+size_t CudaAllocator::round(size_t bytes) {
+  constexpr size_t kSmall = 512, kLarge = size_t(2) << 20;
+  if (bytes <= (size_t(1) << 20)) return (bytes + kSmall - 1) / kSmall * kSmall;
+  return (bytes + kLarge - 1) / kLarge * kLarge;
+}
+
+void* CudaAllocator::allocate(size_t bytes) {
+  size_t sz = round(bytes);
+  std::lock_guard<std::mutex> lk(mu_);
+  ++st_.n_allocs;
+  // Best fit, but never hand out a block more than twice the request (keeps big blocks for big asks).
+  auto it = free_.lower_bound(sz);
+  if (it != free_.end() && it->first <= 2 * sz) {
+    void* p = it->second;
+    size_t got = it->first;
+    free_.erase(it);
+    st_.cached -= got;
+    live_[p] = got;
+    st_.in_use += got;
+    st_.peak = std::max(st_.peak, st_.in_use);
+    return p;
+  }
+  void* p = nullptr;
+  cudaError_t e = cudaMalloc(&p, sz);
+  if (e != cudaSuccess) {
+    // Out of memory: give the cache back to the driver and try once more.
+    cudaGetLastError();
+    for (auto& [s, q] : free_) cudaFree(q);
+    free_.clear();
+    st_.reserved -= st_.cached;
+    st_.cached = 0;
+    e = cudaMalloc(&p, sz);
+    if (e != cudaSuccess)
+      throw std::runtime_error(fmt::format("CUDA allocator: cudaMalloc of {} bytes failed ({}); in use {} bytes",
+                                           sz, cudaGetErrorString(e), st_.in_use));
+  }
+  ++st_.n_device_allocs;
+  st_.reserved += sz;
+  live_[p] = sz;
+  st_.in_use += sz;
+  st_.peak = std::max(st_.peak, st_.in_use);
+  return p;
+}
+
+void CudaAllocator::deallocate(void* p) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = live_.find(p);
+  if (it == live_.end()) return;  // not ours (should not happen)
+  size_t sz = it->second;
+  live_.erase(it);
+  st_.in_use -= sz;
+  if (pool_depth_ > 0) {
+    pool_held_[p] = sz;
+    return;
+  }
+  free_.emplace(sz, p);
+  st_.cached += sz;
+}
+
+void CudaAllocator::begin_private_pool() {
+  std::lock_guard<std::mutex> lk(mu_);
+  ++pool_depth_;
+}
+
+void CudaAllocator::end_private_pool() {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (pool_depth_ > 0 && --pool_depth_ == 0) {
+    for (auto& [p, sz] : pool_held_) {
+      free_.emplace(sz, p);
+      st_.cached += sz;
+    }
+    pool_held_.clear();
+  }
+}
+
+void CudaAllocator::empty_cache() {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (auto& [s, p] : free_) cudaFree(p);
+  free_.clear();
+  st_.reserved -= st_.cached;
+  st_.cached = 0;
+}
+
+AllocatorStats CudaAllocator::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return st_;
+}
+
+CudaAllocator::~CudaAllocator() = default;
+
+#else  // no CUDA in this build
+
+bool cuda_available() { return false; }
+std::string cuda_unavailable_reason() { return "this build has no CUDA (DEEPLORA_CUDA=OFF or no nvcc)"; }
+void select_device(int) {}
+DeviceContext& cuda_ctx() { throw std::runtime_error("cuda_ctx: " + cuda_unavailable_reason()); }
+void cuda_sync() {}
+void* CudaAllocator::allocate(size_t) { throw std::runtime_error("CUDA allocator: " + cuda_unavailable_reason()); }
+void CudaAllocator::deallocate(void*) {}
+void CudaAllocator::begin_private_pool() {}
+void CudaAllocator::end_private_pool() {}
+void CudaAllocator::empty_cache() {}
+AllocatorStats CudaAllocator::stats() const { return st_; }
+CudaAllocator::~CudaAllocator() = default;
+
+#endif
+
+}  // namespace deeplora

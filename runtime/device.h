@@ -1,0 +1,75 @@
+// Per-process CUDA context: device, stream, cuBLASLt and cuSOLVER handles, the caching allocator.
+// Declared without CUDA headers so CPU-only code can include it; handles are opaque here.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+struct CUstream_st;
+typedef struct CUstream_st* cudaStream_t;
+struct cublasLtContext;
+struct cusolverDnContext;
+
+namespace deeplora {
+
+// True when this build has CUDA and a GPU can be used. Never throws.
+bool cuda_available();
+// Why cuda_available() is false ("built without CUDA", "no CUDA device: ..."), for skip messages.
+std::string cuda_unavailable_reason();
+
+struct AllocatorStats {
+  size_t in_use = 0;        // bytes handed out and not yet freed
+  size_t peak = 0;          // max of in_use
+  size_t cached = 0;        // bytes held in free lists
+  size_t reserved = 0;      // bytes obtained from cudaMalloc in all
+  size_t n_device_allocs = 0;  // cudaMalloc calls
+  size_t n_allocs = 0;      // allocate() calls
+};
+
+// Caching allocator: blocks are rounded up (512 B small, 2 MiB large) and kept in size-keyed free
+// lists; after warm-up a training step does no cudaMalloc/cudaFree. Frees are stream-ordered on the
+// context's single stream, so a freed block may be reused by the next kernel without a sync.
+class CudaAllocator {
+ public:
+  void* allocate(size_t bytes);
+  void deallocate(void* p);
+  void empty_cache();  // cudaFree every cached block
+  AllocatorStats stats() const;
+  ~CudaAllocator();
+  // While a private pool is active, freed blocks are kept aside (not reused by anyone) until the pool
+  // ends: a captured CUDA graph keeps its addresses valid across replays.
+  void begin_private_pool();
+  void end_private_pool();
+
+ private:
+  static size_t round(size_t bytes);
+  mutable std::mutex mu_;
+  std::multimap<size_t, void*> free_;           // size -> block
+  std::unordered_map<void*, size_t> live_;      // block -> size
+  std::unordered_map<void*, size_t> pool_held_; // freed while a private pool was active
+  int pool_depth_ = 0;
+  AllocatorStats st_;
+};
+
+struct DeviceContext {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cublasLtContext* cublaslt = nullptr;
+  void* lt_workspace = nullptr;
+  size_t lt_workspace_bytes = 0;
+  cusolverDnContext* cusolver = nullptr;
+  CudaAllocator allocator;
+  int sm_count = 0;
+};
+
+// The process's context, created on first use on `select_device` (default 0). Throws if no GPU.
+DeviceContext& cuda_ctx();
+void select_device(int device);  // before first cuda_ctx(); used by the distributed launcher
+void cuda_sync();                // cudaStreamSynchronize(ctx.stream), throws on a pending error
+void* cpu_alloc(size_t bytes);
+void cpu_free(void* p);
+
+}  // namespace deeplora

@@ -1,0 +1,36 @@
+// Differentiable ops: check shapes/dtypes/devices (errors name the op and the shapes), run the
+// kernel for the tensors' device, and record one backward closure on the tape when needed.
+#pragma once
+#include <cstdint>
+
+#include "runtime/tape.h"
+#include "runtime/tensor.h"
+
+namespace deeplora::ops {
+
+Tensor add(const Tensor& a, const Tensor& b);   // same shape, dtype, device
+Tensor mul(const Tensor& a, const Tensor& b);   // elementwise
+Tensor scale(const Tensor& a, double s);
+Tensor gelu(const Tensor& x);                   // tanh form (GPT-2)
+Tensor sum(const Tensor& x);                    // one element, dtype of x
+Tensor mean(const Tensor& x);
+Tensor cast(const Tensor& x, DType dt);
+Tensor reshape(const Tensor& x, const Shape& s);
+
+// a [M, K] (or [K, M] if ta) times b [K, N] (or [N, K] if tb) -> [M, N]; 3-D inputs: batched with the
+// same leading dim.
+Tensor matmul(const Tensor& a, const Tensor& b, bool ta = false, bool tb = false);
+// x [..., K], w [N, K] (PyTorch Linear layout), optional b [N] -> [..., N]. A frozen w (no
+// requires_grad) gets no weight-gradient GEMM.
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b = Tensor());
+// Over the last dim; w, b: [C].
+Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, double eps = 1e-5);
+// tokens [B, T] i32 -> wte[tokens] + wpe[0..T) : [B, T, C]. wpe may be undefined.
+Tensor embedding(const Tensor& tokens, const Tensor& wte, const Tensor& wpe = Tensor());
+// Causal multi-head self-attention: qkv [B, T, 3C] -> [B, T, C].
+Tensor attention(const Tensor& qkv, int64_t n_head);
+// Mean softmax cross-entropy over the rows whose target != ignore_index. logits [..., V],
+// targets [...] i32. Returns one element in f32 (f64 for f64 logits).
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index = -100);
+
+}  // namespace deeplora::ops

@@ -1,0 +1,54 @@
+// The autodiff tape: ops append backward closures in execution order; backward(loss) runs them in
+// reverse. Gradients accumulate into TensorImpl::grad. No graph library, no operator overloading.
+#pragma once
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "runtime/tensor.h"
+
+namespace deeplora {
+
+class Tape {
+ public:
+  // `outputs`: the op's results; after their node has run, non-leaf outputs drop their grad.
+  void record(std::vector<std::shared_ptr<TensorImpl>> outputs, std::function<void()> backward);
+  // Seeds d(loss)/d(loss) = 1 (loss must be a one-element float tensor), runs every node in reverse,
+  // then clears the tape (saved activations are released).
+  void backward(const Tensor& loss);
+  void clear();
+  size_t size() const { return nodes_.size(); }
+
+ private:
+  struct Node {
+    std::vector<std::shared_ptr<TensorImpl>> outputs;
+    std::function<void()> backward;
+  };
+  std::vector<Node> nodes_;
+};
+
+// The thread's tape (one per thread; training runs one thread per GPU).
+Tape& tape();
+// Whether ops record on the tape (thread-local; on by default).
+bool grad_enabled();
+
+// RAII: ops inside record nothing and produce tensors that do not require grad.
+class NoGrad {
+ public:
+  NoGrad();
+  ~NoGrad();
+  NoGrad(const NoGrad&) = delete;
+  NoGrad& operator=(const NoGrad&) = delete;
+
+ private:
+  bool prev_;
+};
+
+// True if grad mode is on and any input requires grad: then the op must record a node.
+bool needs_grad(std::initializer_list<const Tensor*> inputs);
+// The gradient buffer of t, allocated as zeros on first use; backward kernels accumulate into it.
+Tensor grad_buffer(const Tensor& t);
+
+void backward(const Tensor& loss);  // tape().backward(loss)
+
+}  // namespace deeplora
