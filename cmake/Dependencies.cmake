@@ -17,6 +17,11 @@ if(DEEPLORA_CUDA)
   if(CMAKE_CUDA_COMPILER)
     set(CMAKE_CUDA_ARCHITECTURES ${DEEPLORA_CUDA_ARCH})
     enable_language(CUDA)
+    # CMake 3.25 does not know nvcc 13's dialect flags: targets get CUDA_STANDARD 17 (which CMake
+    # accepts) with its flag emptied, and -std=c++20 is passed by hand (CMakeLists.txt).
+    set(CMAKE_CUDA_STANDARD 17)
+    set(CMAKE_CUDA17_STANDARD_COMPILE_OPTION "")
+    set(CMAKE_CUDA17_EXTENSION_COMPILE_OPTION "")
     find_package(CUDAToolkit REQUIRED)
     find_package(NCCL)
     set(DEEPLORA_HAVE_CUDA ON)

@@ -26,7 +26,7 @@ void throw_cuda_error(const char* what, const char* err, const char* file, int l
   throw std::runtime_error(fmt::format("{}:{}: {} failed: {}", file, line, what, err));
 }
 
-const char* cublas_status_string(cublasStatus_t s) { return cublasGetStatusString(s); }
+const char* cublas_status_string(cublasStatus_t s) { return cublasLtGetStatusString(s); }
 
 const char* cusolver_status_string(cusolverStatus_t s) {
   switch (s) {
