@@ -21,9 +21,13 @@ NoGrad::~NoGrad() { g_grad_enabled = prev_; }
 
 bool needs_grad(std::initializer_list<const Tensor*> inputs) {
   if (!g_grad_enabled) return false;
+  bool any = false;
   for (const Tensor* t : inputs)
-    if (t && t->defined() && t->requires_grad()) return true;
-  return false;
+    if (t && t->defined() && t->requires_grad()) {
+      any = true;
+      if (t->impl()->is_leaf) tape().note_use(t->impl());
+    }
+  return any;
 }
 
 Tensor grad_buffer(const Tensor& t) {
@@ -50,7 +54,9 @@ void Tape::backward(const Tensor& loss) {
     throw std::invalid_argument("backward: the loss does not require grad (no parameter requires grad, or it was computed under NoGrad)");
   grad_buffer(loss).fill(1.0);
   NoGrad ng;  // backward closures use ops only through kernels; nothing records
+  size_t index = nodes_.size();
   for (auto it = nodes_.rbegin(); it != nodes_.rend(); ++it) {
+    --index;
     bool any = false;
     for (auto& o : it->outputs) any |= bool(o->grad);
     if (any) it->backward();
@@ -58,11 +64,23 @@ void Tape::backward(const Tensor& loss) {
     for (auto& o : it->outputs)
       if (!o->is_leaf) o->grad.reset();
     it->backward = nullptr;  // release saved activations early
+    if (hook_) hook_(index);
   }
   nodes_.clear();
+  first_use_.clear();
 }
 
-void Tape::clear() { nodes_.clear(); }
+void Tape::clear() {
+  nodes_.clear();
+  first_use_.clear();
+}
+
+int64_t Tape::first_use(const TensorImpl* t) const {
+  auto it = first_use_.find(t);
+  return it == first_use_.end() ? -1 : it->second;
+}
+
+void Tape::note_use(const TensorImpl* t) { first_use_.emplace(t, int64_t(nodes_.size())); }
 
 void backward(const Tensor& loss) { tape().backward(loss); }
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <functional>
 #include <memory>
+#include <unordered_map>
 #include <vector>
 
 #include "runtime/tensor.h"
@@ -19,12 +20,22 @@ class Tape {
   void clear();
   size_t size() const { return nodes_.size(); }
 
+  // Index of the first node recorded (since the last backward) that read the leaf `t`, or -1.
+  // Its gradient is complete once backward has run that node: data-parallel reducers use this to
+  // launch a bucket's all-reduce while the rest of backward runs.
+  int64_t first_use(const TensorImpl* t) const;
+  void note_use(const TensorImpl* t);
+  // Called after each node's backward with the node's index (nodes run from size()-1 down to 0).
+  void set_post_node_hook(std::function<void(size_t)> hook) { hook_ = std::move(hook); }
+
  private:
   struct Node {
     std::vector<std::shared_ptr<TensorImpl>> outputs;
     std::function<void()> backward;
   };
   std::vector<Node> nodes_;
+  std::unordered_map<const TensorImpl*, int64_t> first_use_;
+  std::function<void(size_t)> hook_;
 };
 
 // The thread's tape (one per thread; training runs one thread per GPU).

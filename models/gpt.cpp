@@ -1,0 +1,307 @@
+// GPT-2 model: config, parameters with HF names, forward, loss, generation.
+#include "models/gpt.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <algorithm>
+#include <random>
+#include <stdexcept>
+
+#include "runtime/io/atomic_file.h"
+#include "runtime/ops.h"
+#include "runtime/tape.h"
+
+namespace deeplora {
+
+GptConfig GptConfig::preset(const std::string& name) {
+  GptConfig c;
+  if (name == "gpt2" || name == "gpt2-small" || name == "d12") return c;
+  if (name == "gpt2-medium") { c.n_layer = 24; c.n_head = 16; c.n_embd = 1024; return c; }
+  if (name == "gpt2-large") { c.n_layer = 36; c.n_head = 20; c.n_embd = 1280; return c; }
+  if (name == "gpt2-xl") { c.n_layer = 48; c.n_head = 25; c.n_embd = 1600; return c; }
+  if (name == "tiny") { c.n_layer = 2; c.n_head = 4; c.n_embd = 64; c.vocab_size = 512; c.n_positions = 128; return c; }
+  if (name == "small-cpu") { c.n_layer = 4; c.n_head = 4; c.n_embd = 128; c.n_positions = 256; return c; }
+  throw std::invalid_argument(fmt::format(
+      "unknown model preset '{}' (expected gpt2, gpt2-medium, gpt2-large, gpt2-xl, small-cpu or tiny)", name));
+}
+
+void GptConfig::validate() const {
+  auto pos = [](int64_t v, const char* f) {
+    if (v <= 0) throw std::invalid_argument(fmt::format("GPT config: {} must be positive, got {}", f, v));
+  };
+  pos(n_layer, "n_layer");
+  pos(n_head, "n_head");
+  pos(n_embd, "n_embd");
+  pos(vocab_size, "vocab_size");
+  pos(n_positions, "n_positions");
+  if (n_embd % n_head != 0)
+    throw std::invalid_argument(fmt::format("GPT config: n_head {} does not divide n_embd {}", n_head, n_embd));
+  if (!(layer_norm_epsilon > 0))
+    throw std::invalid_argument("GPT config: layer_norm_epsilon must be positive");
+}
+
+GptConfig GptConfig::from_json_file(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) throw std::runtime_error(fmt::format("{}: cannot open config", path));
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(f);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(fmt::format("{}: not valid JSON: {}", path, e.what()));
+  }
+  GptConfig c;
+  auto get = [&](const char* key, int64_t& dst, bool required) {
+    if (!j.contains(key)) {
+      if (required) throw std::runtime_error(fmt::format("{}: missing field '{}'", path, key));
+      return;
+    }
+    if (!j[key].is_number_integer()) throw std::runtime_error(fmt::format("{}: field '{}' is not an integer", path, key));
+    dst = j[key].get<int64_t>();
+  };
+  if (j.contains("model_type") && j["model_type"] != "gpt2")
+    throw std::runtime_error(fmt::format("{}: model_type is {}, only gpt2 is supported", path, j["model_type"].dump()));
+  get("n_layer", c.n_layer, true);
+  get("n_head", c.n_head, true);
+  get("n_embd", c.n_embd, true);
+  get("vocab_size", c.vocab_size, true);
+  get("n_positions", c.n_positions, false);
+  if (j.contains("layer_norm_epsilon")) c.layer_norm_epsilon = j["layer_norm_epsilon"].get<double>();
+  if (j.contains("activation_function") && j["activation_function"] != "gelu_new")
+    throw std::runtime_error(fmt::format("{}: activation_function {} is not supported (gelu_new only)", path,
+                                         j["activation_function"].dump()));
+  try {
+    c.validate();
+  } catch (const std::exception& e) {
+    throw std::runtime_error(fmt::format("{}: {}", path, e.what()));
+  }
+  return c;
+}
+
+void GptConfig::save_json_file(const std::string& path) const {
+  nlohmann::json j = {{"model_type", "gpt2"},       {"architectures", {"GPT2LMHeadModel"}},
+                      {"n_layer", n_layer},         {"n_head", n_head},
+                      {"n_embd", n_embd},           {"vocab_size", vocab_size},
+                      {"n_positions", n_positions}, {"n_ctx", n_positions},
+                      {"layer_norm_epsilon", layer_norm_epsilon},
+                      {"activation_function", "gelu_new"},
+                      {"resid_pdrop", 0.0},         {"embd_pdrop", 0.0},
+                      {"attn_pdrop", 0.0},          {"initializer_range", 0.02},
+                      {"tie_word_embeddings", true}, {"bos_token_id", 50256},
+                      {"eos_token_id", 50256}};
+  write_file_atomic(path, j.dump(2) + "\n");
+}
+
+int64_t GptConfig::n_params() const {
+  const int64_t C = n_embd;
+  const int64_t block = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C);
+  return vocab_size * C + n_positions * C + n_layer * block + 2 * C;
+}
+
+std::string GptConfig::str() const {
+  return fmt::format("GPT-2 n_layer={} n_head={} n_embd={} vocab={} n_positions={} ({:.1f}M params)", n_layer, n_head,
+                     n_embd, vocab_size, n_positions, double(n_params()) / 1e6);
+}
+
+// ---- model ----------------------------------------------------------------------------------------
+
+Gpt::Gpt(const GptConfig& cfg, DType compute, Device dev, uint64_t seed) : cfg_(cfg), compute_(compute), dev_(dev) {
+  cfg_.validate();
+  const DType mdt = compute == DType::f64 ? DType::f64 : DType::f32;
+  const int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
+  uint64_t counter = seed * 1000003ULL;
+  auto normal = [&](Param& p, Shape s, double std) {
+    p.master = Tensor::randn(s, ++counter, mdt, dev, std);
+  };
+  auto constant = [&](Param& p, Shape s, double v) {
+    ++counter;
+    p.master = Tensor::full(s, v, mdt, dev);
+  };
+  const double proj_std = 0.02 / std::sqrt(2.0 * double(cfg_.n_layer));
+  normal(wte_, {V, C}, 0.02);
+  normal(wpe_, {cfg_.n_positions, C}, 0.02);
+  blocks_.resize(size_t(cfg_.n_layer));
+  for (auto& b : blocks_) {
+    constant(b.ln1_w, {C}, 1.0);
+    constant(b.ln1_b, {C}, 0.0);
+    normal(b.attn_w, {3 * C, C}, 0.02);
+    constant(b.attn_b, {3 * C}, 0.0);
+    normal(b.proj_w, {C, C}, proj_std);
+    constant(b.proj_b, {C}, 0.0);
+    constant(b.ln2_w, {C}, 1.0);
+    constant(b.ln2_b, {C}, 0.0);
+    normal(b.fc_w, {4 * C, C}, 0.02);
+    constant(b.fc_b, {4 * C}, 0.0);
+    normal(b.mproj_w, {C, 4 * C}, proj_std);
+    constant(b.mproj_b, {C}, 0.0);
+  }
+  constant(lnf_w_, {C}, 1.0);
+  constant(lnf_b_, {C}, 0.0);
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block& b = blocks_[i];
+    std::string h = fmt::format("h.{}.", i);
+    b.c_attn = Linear{h + "attn.c_attn", &b.attn_w, &b.attn_b, nullptr};
+    b.c_proj = Linear{h + "attn.c_proj", &b.proj_w, &b.proj_b, nullptr};
+    b.c_fc = Linear{h + "mlp.c_fc", &b.fc_w, &b.fc_b, nullptr};
+    b.mlp_proj = Linear{h + "mlp.c_proj", &b.mproj_w, &b.mproj_b, nullptr};
+  }
+  for (auto& [name, p] : named_params()) {
+    p->master.set_name(name);
+    p->master.set_requires_grad(true);
+  }
+}
+
+std::vector<std::pair<std::string, Param*>> Gpt::named_params() {
+  std::vector<std::pair<std::string, Param*>> v;
+  v.emplace_back("wte.weight", &wte_);
+  v.emplace_back("wpe.weight", &wpe_);
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block& b = blocks_[i];
+    std::string h = fmt::format("h.{}.", i);
+    v.emplace_back(h + "ln_1.weight", &b.ln1_w);
+    v.emplace_back(h + "ln_1.bias", &b.ln1_b);
+    v.emplace_back(h + "attn.c_attn.weight", &b.attn_w);
+    v.emplace_back(h + "attn.c_attn.bias", &b.attn_b);
+    v.emplace_back(h + "attn.c_proj.weight", &b.proj_w);
+    v.emplace_back(h + "attn.c_proj.bias", &b.proj_b);
+    v.emplace_back(h + "ln_2.weight", &b.ln2_w);
+    v.emplace_back(h + "ln_2.bias", &b.ln2_b);
+    v.emplace_back(h + "mlp.c_fc.weight", &b.fc_w);
+    v.emplace_back(h + "mlp.c_fc.bias", &b.fc_b);
+    v.emplace_back(h + "mlp.c_proj.weight", &b.mproj_w);
+    v.emplace_back(h + "mlp.c_proj.bias", &b.mproj_b);
+  }
+  v.emplace_back("ln_f.weight", &lnf_w_);
+  v.emplace_back("ln_f.bias", &lnf_b_);
+  return v;
+}
+
+Param& Gpt::param(const std::string& name) {
+  for (auto& [n, p] : named_params())
+    if (n == name) return *p;
+  throw std::invalid_argument(fmt::format("GPT: no parameter named '{}'", name));
+}
+
+std::vector<Linear*> Gpt::linears() {
+  std::vector<Linear*> v;
+  for (auto& b : blocks_) {
+    v.push_back(&b.c_attn);
+    v.push_back(&b.c_proj);
+    v.push_back(&b.c_fc);
+    v.push_back(&b.mlp_proj);
+  }
+  return v;
+}
+
+Linear& Gpt::linear(const std::string& module) {
+  for (Linear* l : linears())
+    if (l->name == module) return *l;
+  throw std::invalid_argument(fmt::format("GPT: no linear layer named '{}'", module));
+}
+
+void Gpt::freeze_all() {
+  for (auto& [n, p] : named_params()) set_trainable(n, false);
+}
+
+void Gpt::set_trainable(const std::string& name, bool t) {
+  Param& p = param(name);
+  p.trainable = t;
+  p.master.set_requires_grad(t);
+  p.master.zero_grad();
+  p.frozen_work = Tensor();
+}
+
+std::vector<Tensor> Gpt::trainable_tensors() {
+  std::vector<Tensor> v;
+  for (auto& [n, p] : named_params())
+    if (p->trainable) v.push_back(p->master);
+  return v;
+}
+
+int64_t Gpt::n_trainable() const {
+  int64_t n = 0;
+  for (auto& [name, p] : const_cast<Gpt*>(this)->named_params())
+    if (p->trainable) n += p->master.numel();
+  return n;
+}
+
+void Gpt::invalidate_frozen_cache() {
+  for (auto& [n, p] : named_params()) p->frozen_work = Tensor();
+}
+
+Tensor Gpt::work(Param& p) {
+  if (p.master.dtype() == compute_) return p.master;
+  if (!p.trainable) {
+    if (!p.frozen_work.defined()) {
+      NoGrad ng;
+      p.frozen_work = p.master.to(compute_);
+    }
+    return p.frozen_work;
+  }
+  return ops::cast(p.master, compute_);
+}
+
+Tensor Gpt::apply_linear(Linear& l, const Tensor& x) {
+  Tensor y = ops::linear(x, work(*l.w), work(*l.b));
+  if (l.adapter) y = l.adapter->forward(x, y);
+  return y;
+}
+
+Tensor Gpt::forward(const Tensor& tokens) {
+  check(tokens.dtype() == DType::i32 && tokens.ndim() == 2, "Gpt::forward",
+        fmt::format("tokens must be i32 [B, T], got {}", tokens.desc()));
+  check(tokens.dim(1) <= cfg_.n_positions, "Gpt::forward",
+        fmt::format("sequence length {} exceeds n_positions {}", tokens.dim(1), cfg_.n_positions));
+  const double eps = cfg_.layer_norm_epsilon;
+  Tensor wte = work(wte_);  // used twice (embedding and tied lm_head): one cast per step
+  Tensor x = ops::embedding(tokens, wte, work(wpe_));
+  for (auto& b : blocks_) {
+    Tensor h = ops::layernorm(x, work(b.ln1_w), work(b.ln1_b), eps);
+    Tensor a = ops::attention(apply_linear(b.c_attn, h), cfg_.n_head);
+    x = ops::add(x, apply_linear(b.c_proj, a));
+    h = ops::layernorm(x, work(b.ln2_w), work(b.ln2_b), eps);
+    Tensor m = ops::gelu(apply_linear(b.c_fc, h));
+    x = ops::add(x, apply_linear(b.mlp_proj, m));
+  }
+  x = ops::layernorm(x, work(lnf_w_), work(lnf_b_), eps);
+  return ops::linear(x, wte);
+}
+
+Tensor Gpt::loss(const Tensor& tokens, const Tensor& targets) {
+  return ops::cross_entropy(forward(tokens), targets);
+}
+
+std::vector<int32_t> Gpt::generate(const std::vector<int32_t>& prompt, int64_t n_new, int top_k, uint64_t seed) {
+  NoGrad ng;
+  std::vector<int32_t> seq = prompt;
+  if (seq.empty()) seq.push_back(50256 % int32_t(cfg_.vocab_size));
+  std::mt19937_64 rng(seed);
+  for (int64_t i = 0; i < n_new; ++i) {
+    const int64_t start = std::max<int64_t>(0, int64_t(seq.size()) - cfg_.n_positions);
+    std::vector<int32_t> window(seq.begin() + start, seq.end());
+    Tensor tok = Tensor::from_ints(window, Shape{1, int64_t(window.size())}, dev_);
+    Tensor logits = forward(tok);
+    const int64_t V = cfg_.vocab_size;
+    Tensor last = logits.reshape(Shape{int64_t(window.size()), V}).slice0(int64_t(window.size()) - 1, int64_t(window.size()));
+    std::vector<double> l = last.to_double();
+    int32_t next = 0;
+    if (top_k <= 1) {
+      next = int32_t(std::max_element(l.begin(), l.end()) - l.begin());
+    } else {
+      std::vector<int32_t> idx(static_cast<size_t>(V));
+      for (int64_t v = 0; v < V; ++v) idx[size_t(v)] = int32_t(v);
+      const int k = int(std::min<int64_t>(top_k, V));
+      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) { return l[a] > l[b]; });
+      std::vector<double> w(static_cast<size_t>(k));
+      for (int j = 0; j < k; ++j) w[size_t(j)] = std::exp(l[size_t(idx[size_t(j)])] - l[size_t(idx[0])]);
+      std::discrete_distribution<int> pick(w.begin(), w.end());
+      next = idx[size_t(pick(rng))];
+    }
+    seq.push_back(next);
+  }
+  return std::vector<int32_t>(seq.begin() + int64_t(prompt.size()), seq.end());
+}
+
+}  // namespace deeplora

@@ -1,0 +1,98 @@
+// GPT-2 (Hugging Face GPT2LMHeadModel layout): learned positions, pre-LayerNorm blocks, fused qkv,
+// GELU(tanh) MLP, final ln_f, lm_head tied to wte. Parameters are f32 masters with HF names; the
+// forward runs in the compute dtype (bf16 casts recorded on the tape, like autocast).
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/tensor.h"
+
+namespace deeplora {
+
+struct GptConfig {
+  int64_t n_layer = 12, n_head = 12, n_embd = 768, vocab_size = 50257, n_positions = 1024;
+  double layer_norm_epsilon = 1e-5;
+  // "gpt2" / "gpt2-small" (124M), "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny" (2x64, vocab 512).
+  static GptConfig preset(const std::string& name);
+  static GptConfig from_json_file(const std::string& path);  // HF config.json
+  void save_json_file(const std::string& path) const;
+  void validate() const;  // throws naming the bad field
+  int64_t n_params() const;
+  std::string str() const;
+};
+
+// Extra path added to a linear layer's output (LoRA, Deep LoRA): y' = y + adapter(x).
+class LinearAdapter {
+ public:
+  virtual ~LinearAdapter() = default;
+  // x: the layer input [.., in] in the compute dtype; y: the base output [.., out]. Returns y'.
+  virtual Tensor forward(const Tensor& x, const Tensor& y) = 0;
+};
+
+struct Param {
+  Tensor master;  // f32 (f64 for f64 models); requires_grad when trainable
+  Tensor frozen_work;  // cached compute-dtype copy of a frozen master (filled on demand)
+  bool trainable = true;
+};
+
+struct Linear {
+  std::string name;  // HF module path, e.g. "h.3.mlp.c_fc"
+  Param* w = nullptr;  // [out, in]
+  Param* b = nullptr;  // [out]
+  std::shared_ptr<LinearAdapter> adapter;
+  int64_t in_features() const { return w->master.dim(1); }
+  int64_t out_features() const { return w->master.dim(0); }
+};
+
+class Gpt {
+ public:
+  // Random init as HF (normal 0.02, c_proj weights 0.02/sqrt(2 n_layer), biases 0, LN 1/0).
+  Gpt(const GptConfig& cfg, DType compute, Device dev, uint64_t seed = 0);
+  Gpt(const Gpt&) = delete;  // Linear holds pointers into the blocks
+  Gpt& operator=(const Gpt&) = delete;
+
+  const GptConfig& config() const { return cfg_; }
+  DType compute_dtype() const { return compute_; }
+  Device device() const { return dev_; }
+
+  // tokens [B, T] i32 on the model's device -> logits [B, T, V] in the compute dtype.
+  Tensor forward(const Tensor& tokens);
+  // Mean cross-entropy of next-token targets [B, T] (i32, -100 = ignore), f32 (f64 for f64 models).
+  Tensor loss(const Tensor& tokens, const Tensor& targets);
+  // Greedy (top_k <= 1) or top-k sampling of n_new tokens after prompt (no KV cache: recomputes the
+  // window, fine for the short samples printed at eval time).
+  std::vector<int32_t> generate(const std::vector<int32_t>& prompt, int64_t n_new, int top_k, uint64_t seed);
+
+  // All parameters in HF order with HF names ("wte.weight", "h.0.ln_1.weight", ...).
+  std::vector<std::pair<std::string, Param*>> named_params();
+  Param& param(const std::string& name);  // throws naming the parameter
+  std::vector<Linear*> linears();  // every linear of the blocks, in order
+  Linear& linear(const std::string& module);
+
+  // Trainable flags: freeze_all() then mark adapters' own tensors trainable; frozen params cache their
+  // compute-dtype copy and get no gradient buffer (no weight-gradient GEMMs).
+  void freeze_all();
+  void set_trainable(const std::string& name, bool t);
+  std::vector<Tensor> trainable_tensors();
+  int64_t n_trainable() const;
+  // Called after master weights change outside the optimizer (load): drops cached frozen copies.
+  void invalidate_frozen_cache();
+
+ private:
+  struct Block {
+    Param ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mproj_w, mproj_b;
+    Linear c_attn, c_proj, c_fc, mlp_proj;
+  };
+  Tensor work(Param& p);  // the compute-dtype tensor of p for this forward
+  Tensor apply_linear(Linear& l, const Tensor& x);
+
+  GptConfig cfg_;
+  DType compute_;
+  Device dev_;
+  Param wte_, wpe_, lnf_w_, lnf_b_;
+  std::vector<Block> blocks_;
+};
+
+}  // namespace deeplora

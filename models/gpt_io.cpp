@@ -1,0 +1,101 @@
+// HF GPT-2 checkpoint load/save.
+#include "models/gpt_io.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <filesystem>
+#include <set>
+#include <stdexcept>
+
+#include "runtime/tape.h"
+
+namespace deeplora {
+namespace fs = std::filesystem;
+
+static bool is_conv1d_weight(const std::string& name) {
+  auto ends = [&](const char* s) {
+    std::string x(s);
+    return name.size() >= x.size() && name.compare(name.size() - x.size(), x.size(), x) == 0;
+  };
+  return ends("attn.c_attn.weight") || ends("attn.c_proj.weight") || ends("mlp.c_fc.weight") ||
+         ends("mlp.c_proj.weight");
+}
+
+Tensor transpose2d_host(const Tensor& t) {
+  check(t.ndim() == 2, "transpose2d_host", fmt::format("{} is not 2-D", t.desc()));
+  Tensor h = t.to(Device::cpu).to(DType::f64);
+  const int64_t R = h.dim(0), C = h.dim(1);
+  Tensor o = Tensor::empty(Shape{C, R}, DType::f64, Device::cpu);
+  const double* src = h.data_as<double>();
+  double* dst = o.data_as<double>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) dst[c * R + r] = src[r * C + c];
+  return o.to(t.dtype());
+}
+
+void load_hf_weights(Gpt& model, const std::string& path) {
+  SafetensorsFile f = load_safetensors(path);
+  std::set<std::string> used;
+  auto lookup = [&](const std::string& name) -> const Tensor* {
+    for (const std::string& key : {"transformer." + name, name})
+      if (f.contains(key)) {
+        used.insert(key);
+        return &f.tensors.at(key);
+      }
+    return nullptr;
+  };
+  for (auto& [name, p] : model.named_params()) {
+    const Tensor* src = lookup(name);
+    if (!src) throw std::runtime_error(fmt::format("{}: missing tensor '{}' (or 'transformer.{}')", path, name, name));
+    Tensor t = is_conv1d_weight(name) && src->ndim() == 2 ? transpose2d_host(*src) : *src;
+    if (t.shape() != p->master.shape())
+      throw std::runtime_error(fmt::format("{}: tensor '{}' has shape {} (HF layout), expected {}", path, name,
+                                           src->shape().str(),
+                                           (is_conv1d_weight(name) ? transpose2d_host(p->master) : p->master).shape().str()));
+    if (!is_float(t.dtype()))
+      throw std::runtime_error(fmt::format("{}: tensor '{}' has dtype {}, expected a float type", path, name,
+                                           dtype_name(t.dtype())));
+    for (double v : t.to_double())
+      if (!std::isfinite(v)) throw std::runtime_error(fmt::format("{}: tensor '{}' has non-finite values", path, name));
+    NoGrad ng;
+    p->master.copy_from(t);
+  }
+  // Buffers and the tied head that HF files may carry.
+  for (auto& [key, t] : f.tensors) {
+    if (used.count(key)) continue;
+    std::string k = key.rfind("transformer.", 0) == 0 ? key.substr(12) : key;
+    bool buffer = k.find(".attn.bias") != std::string::npos || k.find(".attn.masked_bias") != std::string::npos;
+    if (buffer || k == "lm_head.weight") continue;
+    throw std::runtime_error(fmt::format("{}: unexpected tensor '{}' (not part of a GPT-2 with this config)", path, key));
+  }
+  model.invalidate_frozen_cache();
+}
+
+std::unique_ptr<Gpt> load_hf_gpt(const std::string& dir, DType compute, Device dev) {
+  fs::path d(dir);
+  if (!fs::is_directory(d)) throw std::runtime_error(fmt::format("{}: not a directory (expected an HF model dir)", dir));
+  GptConfig cfg = GptConfig::from_json_file((d / "config.json").string());
+  auto model = std::make_unique<Gpt>(cfg, compute, dev, 0);
+  fs::path st = d / "model.safetensors";
+  if (!fs::exists(st)) throw std::runtime_error(fmt::format("{}: no model.safetensors", dir));
+  load_hf_weights(*model, st.string());
+  return model;
+}
+
+NamedTensors hf_state_dict(Gpt& model) {
+  NamedTensors out;
+  for (auto& [name, p] : model.named_params()) {
+    Tensor h = p->master.to(Device::cpu).to(DType::f32);
+    out.emplace_back("transformer." + name, is_conv1d_weight(name) ? transpose2d_host(h) : h);
+  }
+  return out;
+}
+
+void save_hf_gpt(Gpt& model, const std::string& dir, SafeDType as) {
+  fs::create_directories(dir);
+  save_safetensors((fs::path(dir) / "model.safetensors").string(), hf_state_dict(model), {{"format", "pt"}}, as);
+  model.config().save_json_file((fs::path(dir) / "config.json").string());
+}
+
+}  // namespace deeplora

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Reference checks against transformers, run on the GPU machine (needs torch + transformers).
+
+  fixture DIR            make the tiny GPT-2 fixture that tests/test_gpt.cpp checks against:
+                         DIR/config.json + model.safetensors (save_pretrained) and
+                         DIR/expected.safetensors (input_ids, labels, logits, loss, grads in
+                         deeplora's [out, in] layout, losses of 10 AdamW steps). f32 on the CPU.
+  logits MODEL_DIR IDS OUT   logits of an HF model dir for the input_ids in IDS (safetensors)
+  compare A B KEY TOL    relative error of tensor KEY between two safetensors files <= TOL
+  tokenizer VOCAB_DIR TEXT SHARD   GPT2TokenizerFast ids of TEXT == the llm.c shard made by
+                         deeplora's `tokenize` (documents separated by <|endoftext|>)
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def fixture(out):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=128,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg).float()
+    model.config._attn_implementation = "eager"
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (2, 16), generator=g)
+    labels = torch.randint(0, 512, (2, 16), generator=g)
+    labels[0, :3] = -100  # masked positions
+    model.train()
+    logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), labels.reshape(-1), ignore_index=-100)
+    loss.backward()
+    exp = {"input_ids": ids.to(torch.int32), "labels": labels.to(torch.int32),
+           "logits": logits.detach().contiguous(), "loss": loss.detach().reshape(())}
+    for name, p in model.transformer.named_parameters():
+        gr = p.grad.detach()
+        if name.endswith(CONV1D):
+            gr = gr.t()
+        exp["grad." + name] = gr.contiguous()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-8)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        lg = model(input_ids=ids).logits
+        l = torch.nn.functional.cross_entropy(lg.reshape(-1, 512), labels.reshape(-1), ignore_index=-100)
+        losses.append(l.item())
+        l.backward()
+        opt.step()
+    exp["adamw_losses"] = torch.tensor(losses, dtype=torch.float64)
+    save_file(exp, os.path.join(out, "expected.safetensors"))
+    print(json.dumps({"fixture": out, "loss": loss.item(), "adamw_last": losses[-1]}))
+
+
+def logits(model_dir, ids_file, out):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    ids = load_file(ids_file)["input_ids"].long()
+    with torch.no_grad():
+        lg = model(input_ids=ids).logits
+    save_file({"logits": lg.contiguous()}, out)
+
+
+def compare(a, b, key, tol):
+    x = load_file(a)[key].double()
+    y = load_file(b)[key].double()
+    err = ((x - y).norm() / y.norm()).item()
+    ok = err <= float(tol)
+    print(json.dumps({"compare": key, "a": a, "b": b, "rel_err": err, "tol": float(tol), "ok": ok}))
+    return 0 if ok else 1
+
+
+def tokenizer(vocab_dir, text_file, shard):
+    from transformers import GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast(vocab_file=os.path.join(vocab_dir, "vocab.json"),
+                            merges_file=os.path.join(vocab_dir, "merges.txt"))
+    with open(text_file, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    ref = tok(text)["input_ids"] + [50256]
+    data = np.fromfile(shard, dtype=np.uint8)
+    header = np.frombuffer(data[:1024].tobytes(), dtype=np.int32)
+    ours = np.frombuffer(data[1024:].tobytes(), dtype=np.uint16)[: header[2]].tolist()
+    first = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+    ok = ours == ref
+    print(json.dumps({"tokenizer": text_file, "bytes": len(text.encode()), "ids": len(ref), "ours": len(ours),
+                      "identical": ok, "first_mismatch": first}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "fixture":
+        fixture(*args)
+    elif cmd == "logits":
+        logits(*args)
+    elif cmd == "compare":
+        sys.exit(compare(*args))
+    elif cmd == "tokenizer":
+        sys.exit(tokenizer(*args))
+    else:
+        sys.exit(__doc__)
