@@ -1,0 +1,506 @@
+// Adapters: LoRA, compressed Deep LoRA (closed-form gradient-SVD init, DEEP_LORA.md), the wide deep
+// reference, optimizer groups, checkpoint state and merging. Export/import: adapter_export.cpp.
+#include "models/adapters.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cfloat>
+#include <cmath>
+#include <stdexcept>
+
+#include "runtime/device.h"
+#include "runtime/dist.h"
+#include "runtime/linalg.h"
+#include "runtime/ops.h"
+#include "runtime/tape.h"
+
+namespace deeplora {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// splitmix64: one seed per (run seed, layer, purpose), so O, random A/B, LoRA A and the wide
+// factors never share Gaussian streams.
+uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+enum Purpose : uint64_t { kO = 1, kRandA = 2, kRandB = 3, kLoraA = 4, kWideQ = 16 };
+uint64_t seed_for(uint64_t seed, int64_t layer, uint64_t purpose) {
+  return mix64(seed ^ mix64(uint64_t(layer) * 1024 + purpose));
+}
+
+// Compute-dtype view of a master: a recorded cast when the dtypes differ (as Gpt::work).
+Tensor work(const Tensor& p, DType dt) { return p.dtype() == dt ? p : ops::cast(p, dt); }
+
+Tensor eye(int64_t k, double v, DType dt, Device dev) {
+  std::vector<double> e(size_t(k * k), 0.0);
+  for (int64_t i = 0; i < k; ++i) e[size_t(i * k + i)] = v;
+  return Tensor::from_vector(e, Shape{k, k}, dt, dev);
+}
+
+// [a, b] side by side (same rows), on the device, exactly: a·[I 0] + b·[0 I]. Not recorded.
+Tensor hcat(const Tensor& a, const Tensor& b) {
+  const int64_t r1 = a.dim(1), r2 = b.dim(1), c = r1 + r2;
+  std::vector<double> e1(size_t(r1 * c), 0.0), e2(size_t(r2 * c), 0.0);
+  for (int64_t i = 0; i < r1; ++i) e1[size_t(i * c + i)] = 1.0;
+  for (int64_t i = 0; i < r2; ++i) e2[size_t(i * c + r1 + i)] = 1.0;
+  Tensor E1 = Tensor::from_vector(e1, Shape{r1, c}, a.dtype(), a.device());
+  Tensor E2 = Tensor::from_vector(e2, Shape{r2, c}, a.dtype(), a.device());
+  return ops::add(ops::matmul(a, E1), ops::matmul(b, E2));
+}
+
+// Xᵀ on the device (I·Xᵀ through the GEMM), exact. Not recorded.
+Tensor transpose(const Tensor& x) { return ops::matmul(eye(x.dim(1), 1.0, x.dtype(), x.device()), x, false, true); }
+
+void sync_if_cuda(Device d) {
+  if (d == Device::cuda) cuda_sync();
+}
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+}  // namespace
+
+// ---- options ------------------------------------------------------------------------------------
+
+void AdapterOptions::validate() const {
+  auto bad = [](const std::string& m) { throw std::invalid_argument(m); };
+  if (kind != "lora" && kind != "deeplora" && kind != "none")
+    bad(fmt::format("--adapter '{}': expected lora, deeplora or none", kind));
+  if (kind == "none") return;
+  if (adapt != "attn" && adapt != "attn-mlp" && adapt != "all")
+    bad(fmt::format("--adapt '{}': expected attn (c_attn), attn-mlp (c_attn, c_fc, mlp.c_proj) or all", adapt));
+  if (rank < 1) bad(fmt::format("--rank {}: must be at least 1", rank));
+  if (wide && kind != "deeplora") bad("--wide applies to --adapter deeplora only");
+  if (kind == "lora") {
+    if (!(alpha > 0) || !std::isfinite(alpha)) bad(fmt::format("--alpha {}: must be positive", alpha));
+    return;
+  }
+  if (!wide && rank % 2 != 0)
+    bad(fmt::format("--rank {}: deeplora needs an even width k = 2r (r top singular vectors per side); use {} or {}",
+                    rank, rank - 1, rank + 1));
+  if (depth < 2) bad(fmt::format("--depth {}: deeplora needs at least 2 factors", depth));
+  if (!(eps > 0) || !std::isfinite(eps)) bad(fmt::format("--eps {}: must be positive", eps));
+  if (!(outer_lr_scale >= 0) || !std::isfinite(outer_lr_scale))
+    bad(fmt::format("--outer-lr-scale {}: must be >= 0 (0 freezes A and B)", outer_lr_scale));
+  if (init != "gradsvd" && init != "random") bad(fmt::format("--init '{}': expected gradsvd or random", init));
+  if (svd_batches < 1) bad(fmt::format("--svd-batches {}: must be at least 1", svd_batches));
+}
+
+std::string AdapterOptions::str() const {
+  if (kind == "none") return "adapter: none (full fine-tuning)";
+  if (kind == "lora") return fmt::format("adapter: lora r={} alpha={} adapt={}", rank, alpha, adapt);
+  if (wide) return fmt::format("adapter: deeplora --wide (uncompressed reference) L={} eps={} adapt={}", depth, eps, adapt);
+  return fmt::format("adapter: deeplora k={} L={} eps={} init={} outer-lr-scale={} adapt={}{}", rank, depth, eps, init,
+                     outer_lr_scale, adapt, init == "gradsvd" ? fmt::format(" svd-batches={}", svd_batches) : "");
+}
+
+std::string AdapterInitReport::str() const {
+  std::string s = fmt::format("adapters: {} layers, {} trainable parameters ({:.3f}M) | init: gradient pass {:.3f} s, "
+                              "SVD + closed form {:.3f} s",
+                              n_layers, n_trainable, double(n_trainable) / 1e6, grad_seconds, svd_seconds);
+  if (n_null_singular > 0)
+    s += fmt::format(" | {} top-r singular values of the gradients are zero (those singular vectors are random)",
+                     n_null_singular);
+  if (n_completed > 0)
+    s += fmt::format(" | rank-deficient [V_r, O^T U_r]: {} basis columns completed with random orthonormal directions",
+                     n_completed);
+  return s;
+}
+
+// ---- Adapter base -------------------------------------------------------------------------------
+
+Tensor& Adapter::add_param(const std::string& short_name, Tensor t, Role role) {
+  const char* tag = role == Role::lora ? "lora" : role == Role::wide ? "deeplora_wide" : "deeplora";
+  t.set_name(fmt::format("{}.{}.{}", module_, tag, short_name));
+  t.set_requires_grad(true);
+  params_.push_back(NamedParam{t.name(), t, role});
+  return params_.back().tensor;
+}
+
+Tensor& Adapter::param(const std::string& short_name) {
+  for (auto& p : params_)
+    if (p.name.size() > short_name.size() &&
+        p.name.compare(p.name.size() - short_name.size() - 1, std::string::npos, "." + short_name) == 0)
+      return p.tensor;
+  throw std::invalid_argument(fmt::format("adapter of {}: no parameter '{}'", module_, short_name));
+}
+
+int64_t Adapter::n_params(bool trainable_only) const {
+  int64_t n = 0;
+  for (auto& p : params_)
+    if (!trainable_only || p.tensor.requires_grad()) n += p.tensor.numel();
+  return n;
+}
+
+// ---- LoRA ---------------------------------------------------------------------------------------
+
+LoraAdapter::LoraAdapter(const std::string& module, int64_t out_features, int64_t in_features, int64_t r, double alpha,
+                         uint64_t seed, DType master, Device dev)
+    : Adapter(module, out_features, in_features), r_(r), alpha_(alpha) {
+  // kaiming_uniform_(a=sqrt(5)) on [r, in]: gain sqrt(2/(1+5)), bound gain*sqrt(3/in) = 1/sqrt(in).
+  const double bound = 1.0 / std::sqrt(double(in_features));
+  add_param("A", Tensor::uniform(Shape{r, in_features}, seed, -bound, bound, master, dev), Role::lora);
+  add_param("B", Tensor::zeros(Shape{out_features, r}, master, dev), Role::lora);
+}
+
+Tensor LoraAdapter::forward(const Tensor& x, const Tensor& y) {
+  const DType dt = x.dtype();
+  // Scale the rank-r intermediate, not the [.., out] result: same math, r/out of the traffic.
+  Tensor t = ops::scale(ops::linear(x, work(params_[0].tensor, dt)), scaling());
+  return ops::add(y, ops::linear(t, work(params_[1].tensor, dt)));
+}
+
+Tensor LoraAdapter::delta_weight() const {
+  NoGrad ng;
+  return ops::scale(ops::matmul(params_[1].tensor, params_[0].tensor), alpha_ / double(r_));
+}
+
+// ---- compressed Deep LoRA -----------------------------------------------------------------------
+
+DeepLoraAdapter::DeepLoraAdapter(const std::string& module, const Tensor& A, const Tensor& B, int depth, double eps)
+    : Adapter(module, A.dim(0), B.dim(0)), k_(A.dim(1)), depth_(depth) {
+  check(A.ndim() == 2 && B.ndim() == 2 && A.dim(1) == B.dim(1), "DeepLoraAdapter",
+        fmt::format("{}: A {} and B {} must be [m, k] and [n, k]", module, A.desc(), B.desc()));
+  check(depth >= 2, "DeepLoraAdapter", fmt::format("depth {} < 2", depth));
+  NoGrad ng;
+  add_param("A", A.clone(), Role::outer);
+  add_param("Bt", transpose(B), Role::outer);
+  for (int i = 1; i <= depth; ++i) add_param(fmt::format("K{}", i), eye(k_, eps, A.dtype(), A.device()), Role::inner);
+}
+
+Tensor DeepLoraAdapter::forward(const Tensor& x, const Tensor& y) {
+  const DType dt = x.dtype();
+  // K = K_L...K_1 (k x k) once per forward in the master dtype, through ops so each K_i gets its grad.
+  Tensor K = params_[2].tensor;
+  for (int i = 2; i <= depth_; ++i) K = ops::matmul(params_[size_t(1 + i)].tensor, K);
+  Tensor t = ops::linear(x, work(params_[1].tensor, dt));  // x B      [.., k]
+  Tensor u = ops::linear(t, work(K, dt));                  // t Kᵀ     [.., k]
+  return ops::add(y, ops::linear(u, work(params_[0].tensor, dt)));  // y + u Aᵀ
+}
+
+Tensor DeepLoraAdapter::K_product() const {
+  NoGrad ng;
+  Tensor K = params_[2].tensor;
+  for (int i = 2; i <= depth_; ++i) K = ops::matmul(params_[size_t(1 + i)].tensor, K);
+  return K;
+}
+
+Tensor DeepLoraAdapter::B() const {
+  NoGrad ng;
+  return transpose(params_[1].tensor);
+}
+
+Tensor DeepLoraAdapter::delta_weight() const {
+  NoGrad ng;
+  return ops::matmul(ops::matmul(params_[0].tensor, K_product()), params_[1].tensor);  // (A K) Bᵀ
+}
+
+// ---- wide deep reference ------------------------------------------------------------------------
+
+WideDeepLoraAdapter::WideDeepLoraAdapter(const std::string& module, std::vector<Tensor> W)
+    : Adapter(module, W.empty() ? 0 : W.back().dim(0), W.empty() ? 0 : W.front().dim(1)) {
+  check(W.size() >= 2, "WideDeepLoraAdapter", fmt::format("{}: needs at least 2 factors", module));
+  for (size_t i = 0; i < W.size(); ++i) {
+    check(W[i].ndim() == 2 && (i == 0 || W[i].dim(1) == W[i - 1].dim(0)), "WideDeepLoraAdapter",
+          fmt::format("{}: factor W{} {} does not chain", module, i + 1, W[i].desc()));
+    add_param(fmt::format("W{}", i + 1), W[i], Role::wide);
+  }
+}
+
+Tensor WideDeepLoraAdapter::forward(const Tensor& x, const Tensor& y) {
+  const DType dt = x.dtype();
+  Tensor h = x;
+  for (auto& p : params_) h = ops::linear(h, work(p.tensor, dt));
+  return ops::add(y, h);
+}
+
+Tensor WideDeepLoraAdapter::delta_weight() const {
+  NoGrad ng;
+  Tensor P = params_[0].tensor;
+  for (size_t i = 1; i < params_.size(); ++i) P = ops::matmul(params_[i].tensor, P);
+  return P;
+}
+
+// ---- initialization -----------------------------------------------------------------------------
+
+std::vector<Linear*> adapted_linears(Gpt& model, const std::string& adapt) {
+  auto ends = [](const std::string& s, const char* suf) {
+    std::string x(suf);
+    return s.size() >= x.size() && s.compare(s.size() - x.size(), x.size(), x) == 0;
+  };
+  if (adapt != "attn" && adapt != "attn-mlp" && adapt != "all")
+    throw std::invalid_argument(
+        fmt::format("--adapt '{}': expected attn (c_attn), attn-mlp (c_attn, c_fc, mlp.c_proj) or all", adapt));
+  std::vector<Linear*> v;
+  for (Linear* l : model.linears()) {
+    const bool attn_qkv = ends(l->name, "attn.c_attn"), mlp = ends(l->name, "mlp.c_fc") || ends(l->name, "mlp.c_proj");
+    if (adapt == "all" || attn_qkv || (adapt == "attn-mlp" && mlp)) v.push_back(l);
+  }
+  return v;
+}
+
+std::vector<Tensor> weight_gradients(Gpt& model, const std::vector<Linear*>& layers,
+                                     const std::function<std::pair<Tensor, Tensor>()>& next_batch, int n_batches) {
+  check(n_batches >= 1, "weight_gradients", fmt::format("n_batches {} < 1", n_batches));
+  check(bool(next_batch), "weight_gradients", "no batch source given (needed for the gradient-SVD init)");
+  std::vector<std::string> names;
+  for (Linear* l : layers) names.push_back(l->name + ".weight");
+  // Only these weights require grad during the pass: no other gradient is computed or kept.
+  std::vector<std::pair<std::string, bool>> was;
+  for (auto& [n, p] : model.named_params()) was.emplace_back(n, p->trainable);
+  auto restore = [&] {
+    for (auto& [n, t] : was) model.set_trainable(n, t);
+  };
+  for (auto& [n, t] : was) model.set_trainable(n, false);
+  for (auto& n : names) model.set_trainable(n, true);
+  std::vector<Tensor> G;
+  try {
+    for (int b = 0; b < n_batches; ++b) {
+      auto [tokens, targets] = next_batch();
+      Tensor loss = model.loss(tokens, targets);
+      backward(n_batches > 1 ? ops::scale(loss, 1.0 / double(n_batches)) : loss);
+    }
+    for (size_t i = 0; i < names.size(); ++i) {
+      Tensor g = model.param(names[i]).master.grad();
+      if (!g.defined()) g = Tensor::zeros(model.param(names[i]).master.shape(), model.param(names[i]).master.dtype(), model.device());
+      G.push_back(g);
+    }
+  } catch (...) {
+    tape().clear();
+    restore();
+    throw;
+  }
+  restore();  // drops the models' references to the gradients; G keeps them alive
+  return G;
+}
+
+Tensor deeplora_O(int64_t m, int64_t n, uint64_t seed, int64_t layer, DType dt, Device dev) {
+  return linalg::random_orthonormal(m, n, seed_for(seed, layer, kO), dt, dev);
+}
+
+DeepLoraFactors deeplora_closed_form(const Tensor& U, const Tensor& V, const Tensor& O) {
+  const int64_t m = O.dim(0), n = O.dim(1), r = U.dim(1);
+  check(U.ndim() == 2 && V.ndim() == 2 && U.dim(0) == m && V.dim(0) == n && V.dim(1) == r, "deeplora_closed_form",
+        fmt::format("U_r {} and V_r {} do not match O {}", U.desc(), V.desc(), O.desc()));
+  check(2 * r <= std::min(m, n), "deeplora_closed_form",
+        fmt::format("2r = {} exceeds min(m, n) = {}", 2 * r, std::min(m, n)));
+  NoGrad ng;
+  DeepLoraFactors f;
+  if (m <= n) {
+    f.B = linalg::orthonormalize(hcat(V, ops::matmul(O, U, true, false)), &f.n_completed);  // orth([V_r, Oᵀ U_r])
+    f.A = ops::matmul(O, f.B);
+  } else {
+    f.A = linalg::orthonormalize(hcat(U, ops::matmul(O, V)), &f.n_completed);  // orth([U_r, O V_r])
+    f.B = ops::matmul(O, f.A, true, false);
+  }
+  return f;
+}
+
+namespace {
+
+// W_1..W_L of the wide reference with W_L...W_1 = eps^L O exactly: L-1 independent random orthogonal
+// d x d factors, and the remaining (rectangular) factor chosen so the product is O — the same
+// distribution as independent Haar factors, and the compressed adapter of this layer sees the same O.
+std::vector<Tensor> wide_factors(const Tensor& O, int depth, double eps, uint64_t seed, int64_t layer) {
+  NoGrad ng;
+  const int64_t m = O.dim(0), n = O.dim(1), d = std::max(m, n);
+  std::vector<Tensor> Q(static_cast<size_t>(depth));
+  for (int l = 0; l < depth; ++l)
+    if ((m <= n && l < depth - 1) || (m > n && l > 0))
+      Q[size_t(l)] = linalg::random_orthonormal(d, d, seed_for(seed, layer, kWideQ + uint64_t(l)), O.dtype(), O.device());
+  if (m <= n) {  // Q_1..Q_{L-1} square; W_L = O (Q_{L-1}...Q_1)ᵀ
+    Tensor P = Q[0];
+    for (int l = 1; l < depth - 1; ++l) P = ops::matmul(Q[size_t(l)], P);
+    Q[size_t(depth - 1)] = ops::matmul(O, P, false, true);
+  } else {  // Q_2..Q_L square; W_1 = (Q_L...Q_2)ᵀ O
+    Tensor P = Q[1];
+    for (int l = 2; l < depth; ++l) P = ops::matmul(Q[size_t(l)], P);
+    Q[0] = ops::matmul(P, O, true, false);
+  }
+  for (auto& q : Q) q = ops::scale(q, eps);
+  return Q;
+}
+
+void set_outer_trainable(const Adapters& adapters, bool t) {
+  for (auto& a : adapters)
+    for (auto& p : a->params())
+      if (p.role == Adapter::Role::outer) {
+        p.tensor.set_requires_grad(t);
+        p.tensor.zero_grad();
+      }
+}
+
+}  // namespace
+
+Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
+                         const std::function<std::pair<Tensor, Tensor>()>& next_batch, AdapterInitReport* report) {
+  o.validate();
+  AdapterInitReport rep;
+  if (o.kind == "none") {
+    if (report) *report = rep;
+    return {};
+  }
+  std::vector<Linear*> layers = adapted_linears(model, o.adapt);
+  for (Linear* l : model.linears())
+    if (l->adapter)
+      throw std::invalid_argument(fmt::format("attach_adapters: layer {} already has an adapter (merge or detach first)", l->name));
+  if (!o.wide)
+    for (Linear* l : layers) {
+      const int64_t m = l->out_features(), n = l->in_features();
+      if (o.rank > std::min(m, n))
+        throw std::invalid_argument(fmt::format("--rank {}: exceeds min(out, in) = {} of layer {} ([{}, {}]); use --rank <= {}",
+                                                o.rank, std::min(m, n), l->name, m, n, std::min(m, n)));
+    }
+  model.freeze_all();
+  const Device dev = model.device();
+  Adapters out;
+  if (o.kind == "lora") {
+    for (size_t j = 0; j < layers.size(); ++j) {
+      Linear* l = layers[j];
+      out.push_back(std::make_shared<LoraAdapter>(l->name, l->out_features(), l->in_features(), o.rank, o.alpha,
+                                                  seed_for(o.seed, int64_t(j), kLoraA), l->w->master.dtype(), dev));
+    }
+  } else if (o.wide) {
+    const auto t0 = Clock::now();
+    for (size_t j = 0; j < layers.size(); ++j) {
+      Linear* l = layers[j];
+      Tensor O = deeplora_O(l->out_features(), l->in_features(), o.seed, int64_t(j), l->w->master.dtype(), dev);
+      out.push_back(std::make_shared<WideDeepLoraAdapter>(l->name, wide_factors(O, o.depth, o.eps, o.seed, int64_t(j))));
+    }
+    sync_if_cuda(dev);
+    rep.svd_seconds = seconds_since(t0);
+  } else if (o.init == "random") {
+    const auto t0 = Clock::now();
+    for (size_t j = 0; j < layers.size(); ++j) {
+      Linear* l = layers[j];
+      const DType mdt = l->w->master.dtype();
+      Tensor A = linalg::random_orthonormal(l->out_features(), o.rank, seed_for(o.seed, int64_t(j), kRandA), mdt, dev);
+      Tensor B = linalg::random_orthonormal(l->in_features(), o.rank, seed_for(o.seed, int64_t(j), kRandB), mdt, dev);
+      out.push_back(std::make_shared<DeepLoraAdapter>(l->name, A, B, o.depth, o.eps));
+    }
+    sync_if_cuda(dev);
+    rep.svd_seconds = seconds_since(t0);
+  } else {  // gradsvd: DEEP_LORA.md steps 1-5
+    auto t0 = Clock::now();
+    std::vector<Tensor> G = weight_gradients(model, layers, next_batch, o.svd_batches);
+    // Data parallel: average G over the ranks' batches, so every rank derives the same A, B (the
+    // SVD and O are deterministic given G and the seed). A no-op for a world of one.
+    if (dist::ctx().world > 1) {
+      NoGrad ng;
+      for (Tensor& g : G) {
+        dist::all_reduce_sum(g);
+        g = ops::scale(g, 1.0 / double(dist::ctx().world));
+      }
+    }
+    sync_if_cuda(dev);
+    rep.grad_seconds = seconds_since(t0);
+    t0 = Clock::now();
+    const int64_t r = o.rank / 2;
+    std::vector<linalg::Svd> svd = linalg::svd_topk_batched(G, r);
+    G.clear();
+    for (size_t j = 0; j < layers.size(); ++j) {
+      Linear* l = layers[j];
+      const int64_t m = l->out_features(), n = l->in_features();
+      Tensor O = deeplora_O(m, n, o.seed, int64_t(j), l->w->master.dtype(), dev);
+      DeepLoraFactors f = deeplora_closed_form(svd[j].U, svd[j].V, O);
+      rep.n_completed += f.n_completed;
+      out.push_back(std::make_shared<DeepLoraAdapter>(l->name, f.A, f.B, o.depth, o.eps));
+    }
+    for (size_t j = 0; j < layers.size(); ++j) {  // one small download per layer, after all the work is queued
+      std::vector<double> S = svd[j].S.to_double();
+      const double tol = double(std::max(layers[j]->out_features(), layers[j]->in_features())) *
+                         (svd[j].S.dtype() == DType::f64 ? DBL_EPSILON : double(FLT_EPSILON));
+      for (double s : S)
+        if (!(s > tol * S[0])) ++rep.n_null_singular;
+    }
+    sync_if_cuda(dev);
+    rep.svd_seconds = seconds_since(t0);
+  }
+  if (o.kind == "deeplora" && !o.wide && o.outer_lr_scale == 0) set_outer_trainable(out, false);
+  for (size_t j = 0; j < layers.size(); ++j) layers[j]->adapter = out[j];
+  rep.n_layers = int64_t(out.size());
+  rep.n_trainable = n_adapter_params(out, true);
+  if (report) *report = rep;
+  return out;
+}
+
+// ---- optimizer groups, state, merging -----------------------------------------------------------
+
+std::vector<ParamGroup> adapter_param_groups(const Adapters& adapters, double outer_lr_scale) {
+  ParamGroup inner{{}, 1.0, 0.0, "adapter_inner"}, outer{{}, outer_lr_scale, 0.0, "adapter_outer"},
+      lora{{}, 1.0, 0.0, "lora"}, wide{{}, 1.0, 0.0, "deeplora_wide"};
+  for (auto& a : adapters)
+    for (auto& p : a->params()) {
+      if (!p.tensor.requires_grad()) continue;
+      switch (p.role) {
+        case Adapter::Role::inner: inner.params.push_back(p.tensor); break;
+        case Adapter::Role::outer:
+          if (outer_lr_scale != 0) outer.params.push_back(p.tensor);
+          break;
+        case Adapter::Role::lora: lora.params.push_back(p.tensor); break;
+        case Adapter::Role::wide: wide.params.push_back(p.tensor); break;
+      }
+    }
+  std::vector<ParamGroup> g;
+  for (auto* x : {&inner, &outer, &lora, &wide})
+    if (!x->params.empty()) g.push_back(*x);
+  return g;
+}
+
+int64_t n_adapter_params(const Adapters& adapters, bool trainable_only) {
+  int64_t n = 0;
+  for (auto& a : adapters) n += a->n_params(trainable_only);
+  return n;
+}
+
+NamedTensors adapter_state(const Adapters& adapters) {
+  NamedTensors v;
+  for (auto& a : adapters)
+    for (auto& p : a->params()) v.emplace_back(p.name, p.tensor);
+  return v;
+}
+
+void load_adapter_state(const Adapters& adapters, const std::map<std::string, Tensor>& state, const std::string& source) {
+  for (auto& a : adapters)
+    for (auto& p : a->params()) {
+      auto it = state.find(p.name);
+      if (it == state.end()) throw std::runtime_error(fmt::format("{}: missing adapter tensor '{}'", source, p.name));
+      if (it->second.shape() != p.tensor.shape())
+        throw std::runtime_error(fmt::format("{}: adapter tensor '{}' has shape {}, the adapter needs {}", source, p.name,
+                                             it->second.shape().str(), p.tensor.shape().str()));
+    }
+  NoGrad ng;
+  for (auto& a : adapters)
+    for (auto& p : a->params()) p.tensor.copy_from(state.at(p.name));
+}
+
+int64_t merge_adapters(Gpt& model) {
+  int64_t n = 0;
+  {
+    NoGrad ng;
+    for (Linear* l : model.linears()) {
+      auto a = std::dynamic_pointer_cast<Adapter>(l->adapter);
+      if (!a) continue;
+      Tensor& W = l->w->master;
+      Tensor dW = a->delta_weight();
+      check(dW.shape() == W.shape(), "merge_adapters",
+            fmt::format("{}: ΔW {} does not match W0 {}", l->name, dW.shape().str(), W.shape().str()));
+      W.copy_from(ops::add(W, dW.dtype() == W.dtype() ? dW : dW.to(W.dtype())));
+      l->adapter.reset();
+      ++n;
+    }
+  }
+  model.invalidate_frozen_cache();
+  return n;
+}
+
+void detach_adapters(Gpt& model) {
+  for (Linear* l : model.linears()) l->adapter.reset();
+}
+
+}  // namespace deeplora
