@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 
 need=()
 for p in cmake ninja-build g++ pkg-config libfmt-dev doctest-dev nlohmann-json3-dev libpcre2-dev libcli11-dev \
-         libopenmpi-dev openmpi-bin npm fortunes-min python3; do
+         libopenmpi-dev openmpi-bin fortunes-min python3; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+command -v npm >/dev/null 2>&1 || need+=(npm)  # a machine may have Node.js from elsewhere
 if ((${#need[@]})); then
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   echo "setup: installing ${need[*]}"

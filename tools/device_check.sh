@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build (sm_90), run the tests (CPU-vs-CUDA included), compute-sanitizer,
+# reference cross-checks, benchmarks beside their peers; logs under $OUT, a short table last.
+#   bash tools/device_check.sh [build test sanitize fixture tokenizer bench train deepmc peers_train peers_mc]
+# Peers are read from .peers/ (a copy of ../shared/peers, carried with the call).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/device}
+mkdir -p "$OUT/logs"
+export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
+stages=("$@")
+[[ ${#stages[@]} -eq 0 ]] && stages=(build test sanitize bench)
+declare -A result
+has() { [[ " ${stages[*]} " == *" $1 "* ]]; }
+log() { echo "== $*" | tee -a "$OUT/logs/summary.log"; }
+t0=$SECONDS
+
+if has build; then
+  log "build"
+  nvidia-smi -L | tee "$OUT/logs/gpu.log"
+  { cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DDEEPLORA_CUDA_ARCH=90 \
+      && cmake --build build -j "$(nproc)"; } > "$OUT/logs/build.log" 2>&1
+  result[build]=$([[ $? -eq 0 ]] && echo ok || echo FAILED)
+  grep -E "error|warning" "$OUT/logs/build.log" | head -20
+fi
+
+if has test; then
+  log "tests"
+  (cd build && ./deeplora_tests --duration=false) > "$OUT/logs/test.log" 2>&1
+  result[test]=$(grep -E "^\[doctest\] (test cases|assertions)" "$OUT/logs/test.log" | tr -s ' ' | paste -sd' ')
+  grep -B2 -A8 "ERROR" "$OUT/logs/test.log" | head -60
+fi
+
+if has sanitize; then
+  log "compute-sanitizer memcheck (GPU test cases)"
+  compute-sanitizer --tool memcheck --error-exitcode 9 ./build/deeplora_tests \
+    -tc='*CUDA*,*allocator*,*GPU*,*cuda*' --duration=false > "$OUT/logs/sanitize.log" 2>&1
+  result[sanitize]=$(grep -E "ERROR SUMMARY" "$OUT/logs/sanitize.log" | tail -1)
+  tail -5 "$OUT/logs/sanitize.log"
+fi
+
+if has fixture; then
+  log "transformers fixture + logits round trip"
+  python3 tools/hf_crosscheck.py fixture "$OUT/hf_tiny" > "$OUT/logs/fixture.log" 2>&1
+  rm -rf tests/data/hf_tiny && mkdir -p tests/data/hf_tiny && cp "$OUT"/hf_tiny/{config.json,model.safetensors,expected.safetensors} tests/data/hf_tiny/
+  ./build/deeplora_tests -tc='*fixture*' --duration=false >> "$OUT/logs/fixture.log" 2>&1
+  result[fixture]=$(grep -E "^\[doctest\] assertions" "$OUT/logs/fixture.log" | tr -s ' ')
+  # A transformers model trains 100 steps in deeplora, is saved, and loads back in transformers.
+  python3 - "$OUT" >> "$OUT/logs/fixture.log" 2>&1 <<'PY'
+import sys, numpy as np
+d = sys.argv[1]
+rng = np.random.default_rng(0)
+toks = rng.integers(0, 64, 20000).astype(np.uint16)
+hdr = np.zeros(256, np.int32); hdr[0] = 20240520; hdr[1] = 1; hdr[2] = len(toks)
+with open(f"{d}/tiny.bin", "wb") as f: f.write(hdr.tobytes()); f.write(toks.tobytes())
+PY
+  ./build/train --model "$OUT/hf_tiny" --data "$OUT/tiny.bin" --vocab-dir none --batch 8 --seq-len 32 --steps 100 \
+    --lr 1e-3 --dtype f32 --device cuda --out "$OUT/hf_ft" --log-every 25 >> "$OUT/logs/fixture.log" 2>&1
+  ./build/gpt_logits --model "$OUT/hf_ft/final" --ids tests/data/hf_tiny/expected.safetensors --out "$OUT/ours.safetensors" \
+    --device cuda >> "$OUT/logs/fixture.log" 2>&1
+  python3 tools/hf_crosscheck.py logits "$OUT/hf_ft/final" tests/data/hf_tiny/expected.safetensors "$OUT/hf.safetensors" >> "$OUT/logs/fixture.log" 2>&1
+  python3 tools/hf_crosscheck.py compare "$OUT/ours.safetensors" "$OUT/hf.safetensors" logits 1e-3 | tee -a "$OUT/logs/fixture.log"
+  result[roundtrip]=$(grep '"compare"' "$OUT/logs/fixture.log" | tail -1 | sed 's/.*rel_err": \([^,]*\).*ok": \(.*\)}/rel_err \1 ok \2/')
+fi
+
+if has tokenizer; then
+  log "tokenizer vs GPT2TokenizerFast"
+  ./build/tokenize --vocab data/gpt2/vocab.json --merges data/gpt2/merges.txt --out-dir "$OUT/tok" \
+    --val-fraction 0 .peers/text.txt > "$OUT/logs/tokenizer.log" 2>&1
+  python3 tools/hf_crosscheck.py tokenizer data/gpt2 .peers/text.txt "$(ls "$OUT"/tok/*.bin | head -1)" | tee -a "$OUT/logs/tokenizer.log"
+  result[tokenizer]=$(grep '"identical"' "$OUT/logs/tokenizer.log" | sed 's/.*"bytes": \([0-9]*\).*"identical": \([a-z]*\).*/\1 bytes identical=\2/')
+fi
+
+if has bench; then
+  log "kernel bench"
+  ./build/bench > "$OUT/logs/bench.log" 2>&1
+  result[bench]="see logs/bench.log"
+  cat "$OUT/logs/bench.log" | tail -40
+fi
+
+if has train; then
+  log "train GPT-2 124M B=32 T=1024 bf16 (ours)"
+  python3 -c "
+import numpy as np
+t = np.random.default_rng(0).integers(0, 50257, 32*1025*24).astype(np.uint16)
+h = np.zeros(256, np.int32); h[0]=20240520; h[1]=1; h[2]=len(t)
+open('$OUT/gpt2.bin','wb').write(h.tobytes()+t.tobytes())"
+  for mode in ${TRAIN_MODES:-full}; do
+    extra=""
+    [[ $mode != full ]] && extra="--adapter $mode --rank 8"
+    ./build/train --init gpt2 --data "$OUT/gpt2.bin" --vocab-dir none --batch 32 --seq-len 1024 --steps 12 \
+      --val-fraction 0 --dtype bf16 --device cuda --out "$OUT/train_$mode" --log-every 1 $extra > "$OUT/logs/train_$mode.log" 2>&1
+    result[train_$mode]=$(grep "^done" "$OUT/logs/train_$mode.log" | sed 's/.*, \([0-9.]*K tok\/s\).*/\1/')
+    tail -4 "$OUT/logs/train_$mode.log"
+  done
+fi
+
+if has peers_train; then
+  log "peer: torch_gpt2_bench.py ${PEER_TRAIN:-full_compile}"
+  python3 .peers/torch_gpt2_bench.py ${PEER_TRAIN:-full_compile} > "$OUT/logs/peer_train.log" 2>&1
+  result[peer_train]=$(grep tok_s "$OUT/logs/peer_train.log" | sed 's/.*"name": "\([a-z_]*\)".*"tok_s": \([0-9]*\).*/\1 \2 tok\/s/' | paste -sd';')
+  tail -3 "$OUT/logs/peer_train.log"
+fi
+
+if has deepmc; then
+  log "deep matrix completion (ours)"
+  for m in compressed original; do
+    ./build/deep_mc --d 1000 --r 5 --p 0.2 --L 3 --eps 1e-3 --lr 5e3 --gamma 0.01 --iters 20000 --method $m \
+      --dtype f64 --device cuda --graph on --log-every 5000 > "$OUT/logs/deepmc_$m.log" 2>&1
+    result[deepmc_$m]=$(tail -1 "$OUT/logs/deepmc_$m.log")
+  done
+fi
+
+if has peers_mc; then
+  log "peer: jax_deep_mc.py"
+  python3 .peers/jax_deep_mc.py > "$OUT/logs/peer_mc.log" 2>&1
+  result[peer_mc]=$(grep seconds "$OUT/logs/peer_mc.log" | paste -sd';')
+fi
+
+echo
+echo "==================== device_check summary ($((SECONDS - t0)) s) ===================="
+for k in "${!result[@]}"; do printf '%-18s %s\n' "$k" "${result[$k]}"; done | sort
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null
