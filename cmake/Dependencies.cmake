@@ -4,8 +4,7 @@ find_package(fmt REQUIRED)
 find_package(doctest REQUIRED)
 find_package(nlohmann_json REQUIRED)
 find_package(CLI11 REQUIRED)  # command-line flags of the tools
-find_package(PkgConfig REQUIRED)
-pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
+find_package(PCRE2 REQUIRED)
 
 set(DEEPLORA_HAVE_CUDA OFF)
 if(DEEPLORA_CUDA)

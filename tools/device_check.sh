@@ -15,13 +15,21 @@ has() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 log() { echo "== $*" | tee -a "$OUT/logs/summary.log"; }
 t0=$SECONDS
 
+TMP=/tmp/deeplora-check; mkdir -p $TMP
 if has build; then
   log "build"
   nvidia-smi -L | tee "$OUT/logs/gpu.log"
-  { cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DDEEPLORA_CUDA_ARCH=90 \
+  # Debian packages the GPU machine lacks (PCRE2, CLI11) travel as .debs in .deps/ (tools/fetch_deps.sh).
+  prefix=""
+  if compgen -G ".deps/*.deb" >/dev/null; then
+    for f in .deps/*.deb; do dpkg -x "$f" .deps/root; done
+    prefix="-DCMAKE_PREFIX_PATH=$PWD/.deps/root/usr -DPCRE2_ROOT=$PWD/.deps/root/usr"
+  fi
+  { cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DDEEPLORA_CUDA_ARCH=90 $prefix \
       && cmake --build build -j "$(nproc)"; } > "$OUT/logs/build.log" 2>&1
   result[build]=$([[ $? -eq 0 ]] && echo ok || echo FAILED)
-  grep -E "error|warning" "$OUT/logs/build.log" | head -20
+  grep -E "error|warning|Error" "$OUT/logs/build.log" | head -30
+  if [[ ${result[build]} != ok ]]; then tail -30 "$OUT/logs/build.log"; tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs; exit 1; fi
 fi
 
 if has test; then
@@ -41,8 +49,11 @@ fi
 
 if has fixture; then
   log "transformers fixture + logits round trip"
-  python3 tools/hf_crosscheck.py fixture "$OUT/hf_tiny" > "$OUT/logs/fixture.log" 2>&1
-  rm -rf tests/data/hf_tiny && mkdir -p tests/data/hf_tiny && cp "$OUT"/hf_tiny/{config.json,model.safetensors,expected.safetensors} tests/data/hf_tiny/
+  # The committed fixture (tests/data/hf_tiny) is remade only when missing (same seeds, same files).
+  if [[ ! -f tests/data/hf_tiny/expected.safetensors ]]; then
+    python3 tools/hf_crosscheck.py fixture "$OUT/hf_tiny" > "$OUT/logs/fixture.log" 2>&1
+    mkdir -p tests/data/hf_tiny && cp "$OUT"/hf_tiny/{config.json,model.safetensors,expected.safetensors} tests/data/hf_tiny/
+  fi
   ./build/deeplora_tests -tc='*fixture*' --duration=false >> "$OUT/logs/fixture.log" 2>&1
   result[fixture]=$(grep -E "^\[doctest\] assertions" "$OUT/logs/fixture.log" | tr -s ' ')
   # A transformers model trains 100 steps in deeplora, is saved, and loads back in transformers.
@@ -52,22 +63,22 @@ d = sys.argv[1]
 rng = np.random.default_rng(0)
 toks = rng.integers(0, 64, 20000).astype(np.uint16)
 hdr = np.zeros(256, np.int32); hdr[0] = 20240520; hdr[1] = 1; hdr[2] = len(toks)
-with open(f"{d}/tiny.bin", "wb") as f: f.write(hdr.tobytes()); f.write(toks.tobytes())
+with open("/tmp/deeplora-check/tiny.bin", "wb") as f: f.write(hdr.tobytes()); f.write(toks.tobytes())
 PY
-  ./build/train --model "$OUT/hf_tiny" --data "$OUT/tiny.bin" --vocab-dir none --batch 8 --seq-len 32 --steps 100 \
-    --lr 1e-3 --dtype f32 --device cuda --out "$OUT/hf_ft" --log-every 25 >> "$OUT/logs/fixture.log" 2>&1
-  ./build/gpt_logits --model "$OUT/hf_ft/final" --ids tests/data/hf_tiny/expected.safetensors --out "$OUT/ours.safetensors" \
+  ./build/train --model tests/data/hf_tiny --data $TMP/tiny.bin --vocab-dir none --batch 8 --seq-len 32 --steps 100 \
+    --lr 1e-3 --dtype f32 --device cuda --out $TMP/hf_ft --log-every 25 >> "$OUT/logs/fixture.log" 2>&1
+  ./build/gpt_logits --model $TMP/hf_ft/final --ids tests/data/hf_tiny/expected.safetensors --out $TMP/ours.safetensors \
     --device cuda >> "$OUT/logs/fixture.log" 2>&1
-  python3 tools/hf_crosscheck.py logits "$OUT/hf_ft/final" tests/data/hf_tiny/expected.safetensors "$OUT/hf.safetensors" >> "$OUT/logs/fixture.log" 2>&1
-  python3 tools/hf_crosscheck.py compare "$OUT/ours.safetensors" "$OUT/hf.safetensors" logits 1e-3 | tee -a "$OUT/logs/fixture.log"
+  python3 tools/hf_crosscheck.py logits $TMP/hf_ft/final tests/data/hf_tiny/expected.safetensors $TMP/hf.safetensors >> "$OUT/logs/fixture.log" 2>&1
+  python3 tools/hf_crosscheck.py compare "$OUT/ours.safetensors" $TMP/hf.safetensors logits 1e-3 | tee -a "$OUT/logs/fixture.log"
   result[roundtrip]=$(grep '"compare"' "$OUT/logs/fixture.log" | tail -1 | sed 's/.*rel_err": \([^,]*\).*ok": \(.*\)}/rel_err \1 ok \2/')
 fi
 
 if has tokenizer; then
   log "tokenizer vs GPT2TokenizerFast"
-  ./build/tokenize --vocab data/gpt2/vocab.json --merges data/gpt2/merges.txt --out-dir "$OUT/tok" \
+  ./build/tokenize --vocab data/gpt2/vocab.json --merges data/gpt2/merges.txt --out-dir $TMP/tok \
     --val-fraction 0 .peers/text.txt > "$OUT/logs/tokenizer.log" 2>&1
-  python3 tools/hf_crosscheck.py tokenizer data/gpt2 .peers/text.txt "$(ls "$OUT"/tok/*.bin | head -1)" | tee -a "$OUT/logs/tokenizer.log"
+  python3 tools/hf_crosscheck.py tokenizer data/gpt2 .peers/text.txt "$(ls $TMP/tok/*train*.bin | head -1)" | tee -a "$OUT/logs/tokenizer.log"
   result[tokenizer]=$(grep '"identical"' "$OUT/logs/tokenizer.log" | sed 's/.*"bytes": \([0-9]*\).*"identical": \([a-z]*\).*/\1 bytes identical=\2/')
 fi
 
@@ -84,12 +95,12 @@ if has train; then
 import numpy as np
 t = np.random.default_rng(0).integers(0, 50257, 32*1025*24).astype(np.uint16)
 h = np.zeros(256, np.int32); h[0]=20240520; h[1]=1; h[2]=len(t)
-open('$OUT/gpt2.bin','wb').write(h.tobytes()+t.tobytes())"
+open('$TMP/gpt2.bin','wb').write(h.tobytes()+t.tobytes())"
   for mode in ${TRAIN_MODES:-full}; do
     extra=""
     [[ $mode != full ]] && extra="--adapter $mode --rank 8"
-    ./build/train --init gpt2 --data "$OUT/gpt2.bin" --vocab-dir none --batch 32 --seq-len 1024 --steps 12 \
-      --val-fraction 0 --dtype bf16 --device cuda --out "$OUT/train_$mode" --log-every 1 $extra > "$OUT/logs/train_$mode.log" 2>&1
+    ./build/train --init gpt2 --data $TMP/gpt2.bin --vocab-dir none --batch 32 --seq-len 1024 --steps 12 \
+      --val-fraction 0 --dtype bf16 --device cuda --out $TMP/train_$mode --log-every 1 $extra > "$OUT/logs/train_$mode.log" 2>&1
     result[train_$mode]=$(grep "^done" "$OUT/logs/train_$mode.log" | sed 's/.*, \([0-9.]*K tok\/s\).*/\1/')
     tail -4 "$OUT/logs/train_$mode.log"
   done
@@ -120,4 +131,4 @@ fi
 echo
 echo "==================== device_check summary ($((SECONDS - t0)) s) ===================="
 for k in "${!result[@]}"; do printf '%-18s %s\n' "$k" "${result[$k]}"; done | sort
-tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null && rm -rf "$OUT/logs"
