@@ -7,6 +7,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <algorithm>
+#include <cstring>
 #include <random>
 #include <stdexcept>
 
@@ -110,7 +111,7 @@ std::string GptConfig::str() const {
 Gpt::Gpt(const GptConfig& cfg, DType compute, Device dev, uint64_t seed) : cfg_(cfg), compute_(compute), dev_(dev) {
   cfg_.validate();
   const DType mdt = compute == DType::f64 ? DType::f64 : DType::f32;
-  const int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
+  const int64_t C = cfg_.n_embd, V = cfg_.vocab_size, Vp = cfg_.padded_vocab();
   uint64_t counter = seed * 1000003ULL;
   auto normal = [&](Param& p, Shape s, double std) {
     p.master = Tensor::randn(s, ++counter, mdt, dev, std);
@@ -120,7 +121,8 @@ Gpt::Gpt(const GptConfig& cfg, DType compute, Device dev, uint64_t seed) : cfg_(
     p.master = Tensor::full(s, v, mdt, dev);
   };
   const double proj_std = 0.02 / std::sqrt(2.0 * double(cfg_.n_layer));
-  normal(wte_, {V, C}, 0.02);
+  normal(wte_, {Vp, C}, 0.02);
+  if (Vp > V) wte_.master.slice0(V, Vp).fill(0.0);
   normal(wpe_, {cfg_.n_positions, C}, 0.02);
   blocks_.resize(size_t(cfg_.n_layer));
   for (auto& b : blocks_) {
@@ -250,6 +252,24 @@ Tensor Gpt::apply_linear(Linear& l, const Tensor& x) {
 }
 
 Tensor Gpt::forward(const Tensor& tokens) {
+  Tensor lp = forward_padded(tokens);
+  const int64_t V = cfg_.vocab_size, Vp = cfg_.padded_vocab();
+  if (Vp == V) return lp;
+  // Drop the padding columns (a host copy: forward() serves tools and tests, training uses the padded form).
+  NoGrad ng;
+  Tensor h = lp.to(Device::cpu);
+  const int64_t rows = h.numel() / Vp;
+  Tensor o = Tensor::empty(Shape{rows, V}, h.dtype(), Device::cpu);
+  const size_t es = dtype_size(h.dtype());
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(static_cast<char*>(o.data()) + size_t(r * V) * es, static_cast<char*>(h.data()) + size_t(r * Vp) * es,
+                size_t(V) * es);
+  Shape s = lp.shape();
+  s[-1] = V;
+  return o.reshape(s).to(dev_);
+}
+
+Tensor Gpt::forward_padded(const Tensor& tokens) {
   check(tokens.dtype() == DType::i32 && tokens.ndim() == 2, "Gpt::forward",
         fmt::format("tokens must be i32 [B, T], got {}", tokens.desc()));
   check(tokens.dim(1) <= cfg_.n_positions, "Gpt::forward",
@@ -270,7 +290,7 @@ Tensor Gpt::forward(const Tensor& tokens) {
 }
 
 Tensor Gpt::loss(const Tensor& tokens, const Tensor& targets) {
-  return ops::cross_entropy(forward(tokens), targets);
+  return ops::cross_entropy(forward_padded(tokens), targets, -100, cfg_.vocab_size);
 }
 
 std::vector<int32_t> Gpt::generate(const std::vector<int32_t>& prompt, int64_t n_new, int top_k, uint64_t seed) {
@@ -282,10 +302,11 @@ std::vector<int32_t> Gpt::generate(const std::vector<int32_t>& prompt, int64_t n
     const int64_t start = std::max<int64_t>(0, int64_t(seq.size()) - cfg_.n_positions);
     std::vector<int32_t> window(seq.begin() + start, seq.end());
     Tensor tok = Tensor::from_ints(window, Shape{1, int64_t(window.size())}, dev_);
-    Tensor logits = forward(tok);
-    const int64_t V = cfg_.vocab_size;
-    Tensor last = logits.reshape(Shape{int64_t(window.size()), V}).slice0(int64_t(window.size()) - 1, int64_t(window.size()));
+    Tensor logits = forward_padded(tok);
+    const int64_t V = cfg_.vocab_size, Vp = cfg_.padded_vocab();
+    Tensor last = logits.reshape(Shape{int64_t(window.size()), Vp}).slice0(int64_t(window.size()) - 1, int64_t(window.size()));
     std::vector<double> l = last.to_double();
+    l.resize(size_t(V));
     int32_t next = 0;
     if (top_k <= 1) {
       next = int32_t(std::max_element(l.begin(), l.end()) - l.begin());

@@ -21,6 +21,10 @@ struct GptConfig {
   void validate() const;  // throws naming the bad field
   int64_t n_params() const;
   std::string str() const;
+  // wte's rows: the vocabulary rounded up to a multiple of 64 (50257 -> 50304, as llm.c), so the
+  // lm_head GEMM's leading dimension is aligned (cuBLASLt runs 5x slower at N = 50257). Padding rows
+  // stay zero: cross_entropy gives them no probability and no gradient.
+  int64_t padded_vocab() const { return (vocab_size + 63) / 64 * 64; }
 };
 
 // Extra path added to a linear layer's output (LoRA, Deep LoRA): y' = y + adapter(x).
@@ -59,6 +63,8 @@ class Gpt {
 
   // tokens [B, T] i32 on the model's device -> logits [B, T, V] in the compute dtype.
   Tensor forward(const Tensor& tokens);
+  // The same over the padded vocabulary: [B, T, padded_vocab()] (what training uses).
+  Tensor forward_padded(const Tensor& tokens);
   // Mean cross-entropy of next-token targets [B, T] (i32, -100 = ignore), f32 (f64 for f64 models).
   Tensor loss(const Tensor& tokens, const Tensor& targets);
   // Greedy (top_k <= 1) or top-k sampling of n_new tokens after prompt (no KV cache: recomputes the

@@ -49,6 +49,13 @@ void load_hf_weights(Gpt& model, const std::string& path) {
     const Tensor* src = lookup(name);
     if (!src) throw std::runtime_error(fmt::format("{}: missing tensor '{}' (or 'transformer.{}')", path, name, name));
     Tensor t = is_conv1d_weight(name) && src->ndim() == 2 ? transpose2d_host(*src) : *src;
+    // wte is stored padded to a multiple of 64 rows here; HF files hold the real vocabulary.
+    const int64_t Vp = model.config().padded_vocab(), V = model.config().vocab_size;
+    if (name == "wte.weight" && Vp != V && t.ndim() == 2 && t.dim(0) == V && t.dim(1) == p->master.dim(1)) {
+      Tensor padded = Tensor::zeros(p->master.shape(), t.dtype(), Device::cpu);
+      padded.slice0(0, V).copy_from(t);
+      t = padded;
+    }
     if (t.shape() != p->master.shape())
       throw std::runtime_error(fmt::format("{}: tensor '{}' has shape {} (HF layout), expected {}", path, name,
                                            src->shape().str(),
@@ -87,6 +94,7 @@ NamedTensors hf_state_dict(Gpt& model) {
   NamedTensors out;
   for (auto& [name, p] : model.named_params()) {
     Tensor h = p->master.to(Device::cpu).to(DType::f32);
+    if (name == "wte.weight") h = h.slice0(0, model.config().vocab_size).clone();  // drop the padding rows
     out.emplace_back("transformer." + name, is_conv1d_weight(name) ? transpose2d_host(h) : h);
   }
   return out;

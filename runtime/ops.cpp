@@ -395,12 +395,14 @@ Tensor attention(const Tensor& qkv, int64_t n_head) {
   return out;
 }
 
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index) {
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index, int64_t n_classes) {
   defined("cross_entropy", {&logits, &targets});
   same_device("cross_entropy", {&logits, &targets});
   same_float_dtype("cross_entropy", {&logits});
   check(targets.dtype() == DType::i32, "cross_entropy", fmt::format("targets must be i32, got {}", targets.desc()));
-  const int64_t V = logits.dim(-1), R = rows_of(logits);
+  const int64_t stride = logits.dim(-1), R = rows_of(logits);
+  const int64_t V = n_classes > 0 ? n_classes : stride;
+  check(V <= stride, "cross_entropy", fmt::format("n_classes {} exceeds the last dim of {}", V, logits.desc()));
   check(targets.numel() == R, "cross_entropy",
         fmt::format("targets {} do not match logits {} ({} rows)", targets.desc(), logits.desc(), R));
   check_ids("cross_entropy", targets, V, ignore_index);
@@ -409,14 +411,15 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
   Tensor lse = Tensor::empty(Shape{R}, st, d), rl = Tensor::empty(Shape{R}, st, d);
   Tensor loss = Tensor::empty(Shape{}, st, d), count = Tensor::empty(Shape{}, st, d);
   DL_K(d, cross_entropy_fwd, logits.dtype(), logits.data(), targets.data_as<int32_t>(), lse.data(), rl.data(), R, V,
-       ignore_index, stream_for(d));
+       stride, ignore_index, stream_for(d));
   DL_K(d, cross_entropy_reduce, logits.dtype(), rl.data(), targets.data_as<int32_t>(), R, ignore_index, loss.data(),
        count.data(), stream_for(d));
   if (needs_grad({&logits})) {
     auto li = loss.impl_ptr();
-    tape().record(outs({&loss}), [logits, targets, lse, count, li, d, R, V, ignore_index] {
+    tape().record(outs({&loss}), [logits, targets, lse, count, li, d, R, V, stride, ignore_index] {
       DL_K(d, cross_entropy_bwd, logits.dtype(), logits.data(), targets.data_as<int32_t>(), lse.data(),
-           Tensor(li->grad).data(), count.data(), grad_buffer(logits).data(), R, V, ignore_index, stream_for(d));
+           Tensor(li->grad).data(), count.data(), grad_buffer(logits).data(), R, V, stride, ignore_index,
+           stream_for(d));
     });
   }
   return loss;

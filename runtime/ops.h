@@ -29,8 +29,10 @@ Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, double eps =
 Tensor embedding(const Tensor& tokens, const Tensor& wte, const Tensor& wpe = Tensor());
 // Causal multi-head self-attention: qkv [B, T, 3C] -> [B, T, C].
 Tensor attention(const Tensor& qkv, int64_t n_head);
-// Mean softmax cross-entropy over the rows whose target != ignore_index. logits [..., V],
-// targets [...] i32. Returns one element in f32 (f64 for f64 logits).
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index = -100);
+// Mean softmax cross-entropy over the rows whose target != ignore_index. logits [..., Vp],
+// targets [...] i32. Only the first n_classes columns are classes (0: all); the rest is padding
+// (a vocabulary padded for fast GEMMs) that gets no probability and no gradient. Returns one
+// element in f32 (f64 for f64 logits).
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index = -100, int64_t n_classes = 0);
 
 }  // namespace deeplora::ops

@@ -245,3 +245,29 @@ TEST_CASE("gpt: matches transformers on the committed fixture (tests/data/hf_tin
                       "worst AdamW-step loss rel err {:.2e} over {} steps",
                       logit_err, worst_grad, checked, worst_loss, expected.size()));
 }
+
+TEST_CASE("gpt: a vocabulary padded to a multiple of 64 changes nothing but speed") {
+  GptConfig c = GptConfig::preset("tiny");
+  c.vocab_size = 500;  // padded to 512 rows of wte
+  REQUIRE(c.padded_vocab() == 512);
+  Gpt m(c, DType::f64, Device::cpu, 5);
+  Tensor tok = Tensor::from_ints({1, 499, 7, 3, 250, 0}, Shape{2, 3});
+  Tensor tgt = Tensor::from_ints({499, 2, -100, 4, 5, 6}, Shape{2, 3});
+  Tensor logits = m.forward(tok);
+  CHECK(logits.shape() == Shape{2, 3, 500});
+  double unpadded = ops::cross_entropy(logits, tgt).item();
+  Tensor loss = m.loss(tok, tgt);
+  CHECK(loss.item() == doctest::Approx(unpadded).epsilon(1e-12));
+  backward(loss);
+  Tensor g = m.param("wte.weight").master.grad();
+  for (double v : g.slice0(500, 512).to_double()) CHECK(v == 0.0);
+  fs::path d = temp_dir("padded");
+  save_hf_gpt(m, (d / "m").string());
+  CHECK(read_safetensors_header((d / "m" / "model.safetensors").string()).find("transformer.wte.weight")->shape ==
+        std::vector<int64_t>{500, 64});
+  auto back = load_hf_gpt((d / "m").string(), DType::f64, Device::cpu);
+  NoGrad ng;
+  auto a = back->forward(tok).to_double(), b = m.forward(tok).to_double();
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) CHECK(a[i] == doctest::Approx(b[i]).epsilon(1e-5));  // saved as f32
+}

@@ -66,6 +66,8 @@ std::vector<OpCase> op_cases() {
   c.push_back({"attention 1 head T=1", {F({3, 1, 3 * 8})}, [](auto& x) { return ops::attention(x[0], 1); }, 1e-5});
   c.push_back({"cross_entropy", {F({2, 5, 13}, 3.0), I({2, 5}, 13, true)},
                [](auto& x) { return ops::cross_entropy(x[0], x[1]); }});
+  c.push_back({"cross_entropy padded classes", {F({6, 16}, 3.0), I({6}, 11, true)},
+               [](auto& x) { return ops::cross_entropy(x[0], x[1], -100, 11); }});
   c.push_back({"cast f64->f32->f64", {F({9})},
                [](auto& x) { return ops::cast(ops::cast(x[0], DType::f32), x[0].dtype()); }, 1e-4, 1e-2, 1e-2});
   return c;

@@ -289,15 +289,15 @@ void bench_activations(Bench& b) {
     Tensor logits = rnd({R, V}, 62, kBf), lse = rnd({R}, 63, kF32), loss = rnd({R}, 64, kF32);
     Tensor dlogits = rnd({R, V}, 65, kBf);
     Tensor dloss = Tensor::full(Shape{1}, 1.0, kF32, Device::cuda), count = Tensor::full(Shape{1}, double(R), kF32, Device::cuda);
-    kc::cross_entropy_fwd(kBf, logits.data(), tgt.data_as<int32_t>(), lse.data(), loss.data(), R, V, -100, s);
+    kc::cross_entropy_fwd(kBf, logits.data(), tgt.data_as<int32_t>(), lse.data(), loss.data(), R, V, V, -100, s);
     const double lg = double(R) * double(V) * kE;
     const std::string sh = shp({B, T, V});
     b.mem("cross_entropy fwd", sh, lg + R * kF + 2 * R * kF, [&] {
-      kc::cross_entropy_fwd(kBf, logits.data(), tgt.data_as<int32_t>(), lse.data(), loss.data(), R, V, -100, s);
+      kc::cross_entropy_fwd(kBf, logits.data(), tgt.data_as<int32_t>(), lse.data(), loss.data(), R, V, V, -100, s);
     });
     b.mem("cross_entropy bwd", sh, 3 * lg + 2 * R * kF, [&] {
       kc::cross_entropy_bwd(kBf, logits.data(), tgt.data_as<int32_t>(), lse.data(), dloss.data(), count.data(),
-                            dlogits.data(), R, V, -100, s);
+                            dlogits.data(), R, V, V, -100, s);
     });
   }
 }
@@ -327,7 +327,8 @@ void bench_linears(Bench& b) {
   cudaStream_t s = b.stream();
   struct Lin { const char* name; int64_t K, N; bool bias; };
   const Lin lins[] = {{"qkv", C, 3 * C, true}, {"proj", C, C, true}, {"fc", C, 4 * C, true},
-                      {"mproj", 4 * C, C, true}, {"lm_head", C, o.V, false}};
+                      {"mproj", 4 * C, C, true}, {"lm_head", C, o.V, false},
+                      {"lm_head padded", C, (o.V + 63) / 64 * 64, false}};
   for (const Lin& l : lins) {
     const std::string base = std::string("linear ") + l.name;
     if (!b.wanted(base + " fwd") && !b.wanted(base + " bwd dx") && !b.wanted(base + " bwd dw") &&

@@ -70,7 +70,7 @@ PY
   ./build/gpt_logits --model $TMP/hf_ft/final --ids tests/data/hf_tiny/expected.safetensors --out $TMP/ours.safetensors \
     --device cuda >> "$OUT/logs/fixture.log" 2>&1
   python3 tools/hf_crosscheck.py logits $TMP/hf_ft/final tests/data/hf_tiny/expected.safetensors $TMP/hf.safetensors >> "$OUT/logs/fixture.log" 2>&1
-  python3 tools/hf_crosscheck.py compare "$OUT/ours.safetensors" $TMP/hf.safetensors logits 1e-3 | tee -a "$OUT/logs/fixture.log"
+  python3 tools/hf_crosscheck.py compare $TMP/ours.safetensors $TMP/hf.safetensors logits 1e-3 | tee -a "$OUT/logs/fixture.log"
   result[roundtrip]=$(grep '"compare"' "$OUT/logs/fixture.log" | tail -1 | sed 's/.*rel_err": \([^,]*\).*ok": \(.*\)}/rel_err \1 ok \2/')
 fi
 

@@ -82,17 +82,29 @@ def compare(a, b, key, tol):
 def tokenizer(vocab_dir, text_file, shard):
     from transformers import GPT2TokenizerFast
 
-    tok = GPT2TokenizerFast(vocab_file=os.path.join(vocab_dir, "vocab.json"),
-                            merges_file=os.path.join(vocab_dir, "merges.txt"))
+    vocab, merges = os.path.join(vocab_dir, "vocab.json"), os.path.join(vocab_dir, "merges.txt")
+    tok = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges)
+    used = "transformers.GPT2TokenizerFast(vocab_file, merges_file)"
+    if tok("Hello world")["input_ids"] != [15496, 995]:
+        # transformers 5 changed the constructor; build the same fast tokenizer as GPT2TokenizerFast does.
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        t = Tokenizer(models.BPE.from_file(vocab, merges))
+        t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        t.decoder = decoders.ByteLevel()
+        tok = PreTrainedTokenizerFast(tokenizer_object=t)
+        used = "PreTrainedTokenizerFast(BPE.from_file + ByteLevel), as GPT2TokenizerFast builds it"
+    assert tok("Hello world")["input_ids"] == [15496, 995], "reference tokenizer is broken"
     with open(text_file, encoding="utf-8", errors="replace") as f:
         text = f.read()
-    ref = tok(text)["input_ids"] + [50256]
+    # deeplora's tokenize puts <|endoftext|> before each document (as llm.c's scripts do).
+    ref = [50256] + tok(text)["input_ids"]
     data = np.fromfile(shard, dtype=np.uint8)
     header = np.frombuffer(data[:1024].tobytes(), dtype=np.int32)
     ours = np.frombuffer(data[1024:].tobytes(), dtype=np.uint16)[: header[2]].tolist()
     first = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
     ok = ours == ref
-    print(json.dumps({"tokenizer": text_file, "bytes": len(text.encode()), "ids": len(ref), "ours": len(ours),
+    print(json.dumps({"tokenizer": text_file, "reference": used, "bytes": len(text.encode()), "ids": len(ref), "ours": len(ours),
                       "identical": ok, "first_mismatch": first}))
     return 0 if ok else 1
 

@@ -202,13 +202,13 @@ void layernorm_bwd(DType dt, const void* x, const void* w, const void* mean, con
 
 // lse and loss may be null. lse is computed for ignored rows too.
 void cross_entropy_fwd(DType dt, const void* logits, const int32_t* tgt, void* lse, void* loss,
-                       int64_t rows, int64_t V, int32_t ignore, cudaStream_t) {
+                       int64_t rows, int64_t V, int64_t row_stride, int32_t ignore, cudaStream_t) {
   float_dispatch(dt, "cross_entropy_fwd", [&](auto tag) {
     using E = typename decltype(tag)::type;
     using S = Stat<E>;
     const E* pl = static_cast<const E*>(logits);
     for (int64_t r = 0; r < rows; ++r) {
-      const E* lr = pl + r * V;
+      const E* lr = pl + r * row_stride;
       double mx = -INFINITY;
       for (int64_t v = 0; v < V; ++v) mx = std::max(mx, ld(lr[v]));
       double se = 0.0;
@@ -233,7 +233,7 @@ void cross_entropy_fwd(DType dt, const void* logits, const int32_t* tgt, void* l
 // Probabilities are recomputed from the saved lse. count == 0 means every row is ignored: no-op.
 void cross_entropy_bwd(DType dt, const void* logits, const int32_t* tgt, const void* lse,
                        const void* dloss, const void* count, void* dlogits, int64_t rows, int64_t V,
-                       int32_t ignore, cudaStream_t) {
+                       int64_t row_stride, int32_t ignore, cudaStream_t) {
   float_dispatch(dt, "cross_entropy_bwd", [&](auto tag) {
     using E = typename decltype(tag)::type;
     using S = Stat<E>;
@@ -251,8 +251,8 @@ void cross_entropy_bwd(DType dt, const void* logits, const int32_t* tgt, const v
             V));
       const double l = plse[r];
       for (int64_t v = 0; v < V; ++v) {
-        const double p = std::exp(ld(pl[r * V + v]) - l) - (v == tgt[r] ? 1.0 : 0.0);
-        pd[r * V + v] = st<E>(ld(pd[r * V + v]) + k * p);
+        const double p = std::exp(ld(pl[r * row_stride + v]) - l) - (v == tgt[r] ? 1.0 : 0.0);
+        pd[r * row_stride + v] = st<E>(ld(pd[r * row_stride + v]) + k * p);
       }
     }
   });

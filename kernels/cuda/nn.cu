@@ -599,11 +599,11 @@ template <class A, int N> __device__ __forceinline__ void ms_add(MaxSum<A>& st, 
 template <class T, int N>
 __global__ void __launch_bounds__(kCeThreads) ce_fwd_kernel(const T* __restrict__ logits, const int32_t* __restrict__ tgt,
                                                             acc_t<T>* __restrict__ lse, acc_t<T>* __restrict__ loss,
-                                                            int64_t V, int32_t ignore) {
+                                                            int64_t V, int64_t row_stride, int32_t ignore) {
   using A = acc_t<T>;
   __shared__ A sh_m[32], sh_s[32];
   const int64_t row = blockIdx.x;
-  const T* xr = logits + row * V;
+  const T* xr = logits + row * row_stride;
   const int head = row_head<T, N>(xr, V);
   const int64_t body = (V - head) / N;
   const int64_t tail = head + body * N;
@@ -671,7 +671,7 @@ template <class T, int N>
 __global__ void __launch_bounds__(kCeThreads) ce_bwd_kernel(const T* __restrict__ logits, const int32_t* __restrict__ tgt,
                                                             const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ dloss,
                                                             const acc_t<T>* __restrict__ count, T* __restrict__ dlogits,
-                                                            int64_t V, int32_t ignore) {
+                                                            int64_t V, int64_t row_stride, int32_t ignore) {
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
   const int32_t t = tgt[row];
@@ -680,8 +680,8 @@ __global__ void __launch_bounds__(kCeThreads) ce_bwd_kernel(const T* __restrict_
   if (cnt == A(0)) return;
   const A k = dloss[0] / cnt;
   const A l = lse[row];
-  const T* xr = logits + row * V;
-  T* dr = dlogits + row * V;
+  const T* xr = logits + row * row_stride;
+  T* dr = dlogits + row * row_stride;
   auto grad = [&](A x, A d, int64_t i) { return d + k * (fast_exp(x - l) - (i == t ? A(1) : A(0))); };
   const int head = row_head<T, N>(xr, V);
   const int64_t body = (V - head) / N;
@@ -862,7 +862,7 @@ void layernorm_bwd(DType dt, const void* x, const void* w, const void* mean, con
 }
 
 void cross_entropy_fwd(DType dt, const void* logits, const int32_t* tgt, void* lse, void* loss, int64_t rows,
-                       int64_t V, int32_t ignore, cudaStream_t s) {
+                       int64_t V, int64_t row_stride, int32_t ignore, cudaStream_t s) {
   if (rows <= 0 || (!lse && !loss)) return;
   if (rows > int64_t(INT32_MAX)) throw std::invalid_argument("kernels::cuda::cross_entropy_fwd: rows over 2^31-1");
   dispatch_float(dt, "cross_entropy_fwd", [&](auto tag) {
@@ -872,15 +872,16 @@ void cross_entropy_fwd(DType dt, const void* logits, const int32_t* tgt, void* l
     const E* pl = static_cast<const E*>(logits);
     // Rows are split per row into head / packs / tail, which needs only element alignment.
     if (aligned_to(pl, sizeof(E)))
-      ce_fwd_kernel<E, N><<<unsigned(rows), kCeThreads, 0, s>>>(pl, tgt, static_cast<A*>(lse), static_cast<A*>(loss), V, ignore);
+      ce_fwd_kernel<E, N><<<unsigned(rows), kCeThreads, 0, s>>>(pl, tgt, static_cast<A*>(lse), static_cast<A*>(loss), V, row_stride, ignore);
     else
-      ce_fwd_kernel<E, 1><<<unsigned(rows), kCeThreads, 0, s>>>(pl, tgt, static_cast<A*>(lse), static_cast<A*>(loss), V, ignore);
+      ce_fwd_kernel<E, 1><<<unsigned(rows), kCeThreads, 0, s>>>(pl, tgt, static_cast<A*>(lse), static_cast<A*>(loss), V, row_stride, ignore);
     CUDA_CHECK_LAUNCH();
   });
 }
 
 void cross_entropy_bwd(DType dt, const void* logits, const int32_t* tgt, const void* lse, const void* dloss,
-                       const void* count, void* dlogits, int64_t rows, int64_t V, int32_t ignore, cudaStream_t s) {
+                       const void* count, void* dlogits, int64_t rows, int64_t V, int64_t row_stride, int32_t ignore,
+                       cudaStream_t s) {
   if (rows <= 0 || !dlogits) return;
   if (rows > int64_t(INT32_MAX)) throw std::invalid_argument("kernels::cuda::cross_entropy_bwd: rows over 2^31-1");
   dispatch_float(dt, "cross_entropy_bwd", [&](auto tag) {
@@ -892,10 +893,10 @@ void cross_entropy_bwd(DType dt, const void* logits, const int32_t* tgt, const v
     const bool same_mis = (reinterpret_cast<uintptr_t>(pl) & 15u) == (reinterpret_cast<uintptr_t>(pd) & 15u);
     if (same_mis && aligned_to(pl, sizeof(E)))
       ce_bwd_kernel<E, N><<<unsigned(rows), kCeThreads, 0, s>>>(pl, tgt, static_cast<const A*>(lse), static_cast<const A*>(dloss),
-                                                               static_cast<const A*>(count), pd, V, ignore);
+                                                               static_cast<const A*>(count), pd, V, row_stride, ignore);
     else
       ce_bwd_kernel<E, 1><<<unsigned(rows), kCeThreads, 0, s>>>(pl, tgt, static_cast<const A*>(lse), static_cast<const A*>(dloss),
-                                                               static_cast<const A*>(count), pd, V, ignore);
+                                                               static_cast<const A*>(count), pd, V, row_stride, ignore);
     CUDA_CHECK_LAUNCH();
   });
 }

@@ -1,0 +1,113 @@
+// Sparse-pattern kernels for (deep) matrix completion: sampled dense-dense products, sparse-dense
+// products over CSR/CSC, squared-error losses, a multi-tensor SGD step, the fused step of the
+// compressed deep factorization, and the recovery-error sum over the unobserved entries.
+// Determinism: every output element (a row of a sparse-dense product, a loss) is owned by one
+// thread / warp / block and summed in a fixed order; no float atomics anywhere.
+#pragma once
+#include <cstddef>
+
+#include "kernels/common.h"
+
+namespace deeplora::kernels {
+
+// One tensor of a multi-tensor SGD step: p -= lr * g, then g = 0 (when zero_grad).
+struct SgdItem {
+  void* p = nullptr;
+  void* g = nullptr;
+  int64_t n = 0;
+  double lr = 0.0;
+};
+constexpr int kSgdMaxItems = 8;  // per launch; sgd_multi takes any number and launches in groups
+
+// The fused step of compressed deep matrix completion, W = A · K_L ⋯ K_1 · Bᵀ, on the loss
+// f = ½·alpha·Σ_{e∈Ω} (W[i_e, j_e] − vals[e])². One launch: every block forms Kp = K_L⋯K_1 in shared
+// memory; row-owner warps compute the residuals of their row, gP_i = alpha·Σ_e r_e·B[j_e] (CSR),
+// gA_i = gP_i·Kpᵀ, write A_out[i] = A[i] − lr_outer·gA_i and add A[i]ᵀ⊗gP_i to their block's gKp
+// partial; column-owner warps recompute P[i_e] = A[i_e]·Kp for their column's entries (CSC) and write
+// B_out[j] = B[j] − lr_outer·alpha·Σ_e r_e·P[i_e]. The last block to finish (integer ticket, so the
+// order of the sums never depends on timing) reduces the partials in block order, forms
+// gK_l = (K_L⋯K_{l+1})ᵀ·gKp·(K_{l−1}⋯K_1)ᵀ and updates every K_l in place, and writes the loss of
+// the input iterate. A_out/B_out must not alias A/B (callers ping-pong two buffers).
+constexpr int kLowrankMaxL = 16;
+struct LowrankStep {
+  DType dt = DType::f64;
+  int64_t rows = 0, cols = 0, k = 0, L = 0;
+  const int32_t* row_ptr = nullptr;  // CSR [rows + 1]
+  const int32_t* col_idx = nullptr;  // CSR [nnz]
+  const int32_t* col_ptr = nullptr;  // CSC [cols + 1]
+  const int32_t* csc_row = nullptr;  // CSC [nnz]
+  const void* vals_csr = nullptr;    // targets at Ω in CSR order
+  const void* vals_csc = nullptr;    // the same in CSC order
+  const void* A = nullptr;           // [rows, k]
+  const void* B = nullptr;           // [cols, k]
+  void* A_out = nullptr;
+  void* B_out = nullptr;
+  void* K[kLowrankMaxL] = {};  // K_1 .. K_L, [k, k] each, updated in place
+  double alpha = 1.0, lr_inner = 0.0, lr_outer = 0.0;
+  void* loss = nullptr;  // one element of dt
+  void* work = nullptr;  // lowrank_step_workspace_bytes(); its first 4 bytes must be zero before the
+                         // first launch (the kernel leaves them zero again)
+};
+// Shared memory of the fused kernel, in elements of dt: Kp, the gKp combine buffer, per-warp rows,
+// and for the last block the old K_l, their prefix products and the back-propagated chain.
+inline int64_t lowrank_step_smem_elems(int64_t k, int64_t L) { return (3 * L + 3) * k * k + 16 * 32 + 16; }
+// Limits of the fused kernel (else use the op-by-op path): even or odd k in [1, 32], 1 <= L <= 16,
+// shared memory within the default 48 KiB. (k = 10, L = 3 in f64 takes 8.4 KiB.)
+inline bool lowrank_step_supported(DType dt, int64_t k, int64_t L) {
+  if (dt != DType::f64 && dt != DType::f32) return false;
+  if (k < 1 || k > 32 || L < 1 || L > kLowrankMaxL) return false;
+  return lowrank_step_smem_elems(k, L) * int64_t(dtype_size(dt)) <= 48 * 1024;
+}
+// Row-side block count (8 warps a block, a row a warp, capped; beyond the cap rows are
+// grid-strided): the cap bounds the last block's reduction of the per-block gKp partials.
+inline int64_t lowrank_row_blocks(int64_t rows) {
+  int64_t b = (rows + 7) / 8;
+  return b < 1 ? 1 : (b > 512 ? 512 : b);
+}
+inline size_t lowrank_step_workspace_bytes(int64_t rows, int64_t cols, int64_t k) {
+  return 256 + size_t(lowrank_row_blocks(rows)) * size_t(k * k + 1) * 8;
+}
+
+}  // namespace deeplora::kernels
+
+#define DEEPLORA_SPARSE_DECLS                                                                       \
+  /* out[e] = sum_c P[row[e], c] * Q[col[e], c]   (out = ... when !accumulate, += otherwise).        \
+     P [*, k], Q [*, k] row-major. */                                                               \
+  void sampled_dot(DType dt, const int32_t* row, const int32_t* col, int64_t nnz, const void* P,    \
+                   const void* Q, int64_t k, void* out, bool accumulate, cudaStream_t s);           \
+  /* out[e] = X[row[e] * ld + col[e]]  (X dense, leading dimension ld) */                           \
+  void gather_pattern(DType dt, const int32_t* row, const int32_t* col, int64_t nnz, const void* X,  \
+                      int64_t ld, void* out, cudaStream_t s);                                       \
+  /* Y[row[e] * ld + col[e]] += vals[e]; positions are distinct, so each has one writer. */        \
+  void scatter_pattern_acc(DType dt, const int32_t* row, const int32_t* col, int64_t nnz,           \
+                           const void* vals, int64_t ld, void* Y, cudaStream_t s);                  \
+  /* Y[i, :] += alpha * sum_{e in [ptr[i], ptr[i+1])} vals[perm ? perm[e] : e] * X[idx[e], :]       \
+     for i < n_out: the CSR of S gives Y += alpha S X; the CSC of S (ptr = col_ptr, idx = csc_row,  \
+     perm = csc_to_csr) gives Y += alpha Sᵀ X. One owner per output element, entries in order. */   \
+  void spmm_acc(DType dt, const int32_t* ptr, const int32_t* idx, const int32_t* perm,              \
+                const void* vals, int64_t n_out, const void* X, int64_t k, void* Y, double alpha,   \
+                cudaStream_t s);                                                                    \
+  /* out[0] = ½ alpha sum_i w[i] (x[i] - t[i])^2, w null -> 1. Deterministic. */                    \
+  void sq_error_fwd(DType dt, const void* x, const void* t, const void* w, int64_t n, double alpha, \
+                    void* out, cudaStream_t s);                                                     \
+  /* gx[i] += g[0] * alpha * w[i] * (x[i] - t[i]);  gt (nullable) gets the negative. */             \
+  void sq_error_bwd(DType dt, const void* x, const void* t, const void* w, int64_t n, double alpha, \
+                    const void* g, void* gx, void* gt, cudaStream_t s);                             \
+  /* For each item: p -= lr * g; g = 0 if zero_grad. Items share dt. */                             \
+  void sgd_multi(DType dt, const SgdItem* items, int n_items, bool zero_grad, cudaStream_t s);      \
+  /* The fused compressed step (struct LowrankStep above). */                                       \
+  void lowrank_step(const LowrankStep& a, cudaStream_t s);                                          \
+  /* out[0] (f64) = sum over (i, j) NOT in the pattern (CSR row_ptr/col_idx, sorted columns) of    \
+     (X1[i]·Y1[j] - X2[i]·Y2[j])^2, X1 [rows,k1], Y1 [cols,k1], X2 [rows,k2], Y2 [cols,k2]          \
+     (k2 may be 0). Exact, O(rows·cols·(k1+k2)); deterministic. */                                  \
+  void lowrank_unobserved_sq_sum(DType dt, const int32_t* row_ptr, const int32_t* col_idx,          \
+                                 int64_t rows, int64_t cols, const void* X1, const void* Y1,        \
+                                 int64_t k1, const void* X2, const void* Y2, int64_t k2, void* out, \
+                                 cudaStream_t s);
+
+namespace deeplora::kernels::cpu {
+DEEPLORA_SPARSE_DECLS
+}
+namespace deeplora::kernels::cuda {
+DEEPLORA_SPARSE_DECLS
+}
