@@ -285,6 +285,10 @@ void attention_bwd(DType dt, const void* qkv, const void* out, const void* lse, 
                  static_cast<const float*>(dout), static_cast<float*>(dqkv), B, T, C, H, s);
       return;
     case DType::bf16:
+      if (detail::flash_bwd_supported(qkv, out, dout, dqkv, C, H)) {
+        detail::flash_bwd_bf16(qkv, out, static_cast<const float*>(lse), dout, dqkv, B, T, C, H, s);
+        return;
+      }
       bwd_simple(static_cast<const bf16_t*>(qkv), static_cast<const bf16_t*>(out), static_cast<const float*>(lse),
                  static_cast<const bf16_t*>(dout), static_cast<bf16_t*>(dqkv), B, T, C, H, s);
       return;

@@ -74,6 +74,13 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x in one MUFU op (flushes results below 2^-126 to 0; P never needs those).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
@@ -256,7 +263,7 @@ __global__ void __launch_bounds__(kQWarps * 32)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = j * kTile + nb * 8 + tg * 2 + e;
-          float p = exp2f(fmaf(sc[nb][2 * r + e], scale_log2, -lse2[r]));
+          float p = exp2_approx(fmaf(sc[nb][2 * r + e], scale_log2, -lse2[r]));
           if (diag && col > row) p = 0.f;
           sc[nb][2 * r + e] = p * (dp[nb][2 * r + e] - Dr[r]);
         }
@@ -384,7 +391,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int q = qs + c + e;
-            float p = exp2f(fmaf(st[nb][2 * r + e], scale_log2, -l2[e]));
+            float p = exp2_approx(fmaf(st[nb][2 * r + e], scale_log2, -l2[e]));
             if (need_mask && (key > q || q >= T)) p = 0.f;
             st[nb][2 * r + e] = p;
             dpt[nb][2 * r + e] = p * (dpt[nb][2 * r + e] - dq_[e]);
