@@ -12,7 +12,9 @@ stages=("$@")
 [[ ${#stages[@]} -eq 0 ]] && stages=(build test sanitize bench)
 declare -A result
 has() { [[ " ${stages[*]} " == *" $1 "* ]]; }
-log() { echo "== $*" | tee -a "$OUT/logs/summary.log"; }
+log() { pack; echo "== $*" | tee -a "$OUT/logs/summary.log"; }
+# Logs are packed after every stage, so a call cut off at its time limit still returns them.
+pack() { tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null; }
 t0=$SECONDS
 
 TMP=/tmp/deeplora-check; mkdir -p $TMP
@@ -96,12 +98,13 @@ import numpy as np
 t = np.random.default_rng(0).integers(0, 50257, 32*1025*24).astype(np.uint16)
 h = np.zeros(256, np.int32); h[0]=20240520; h[1]=1; h[2]=len(t)
 open('$TMP/gpt2.bin','wb').write(h.tobytes()+t.tobytes())"
-  for mode in ${TRAIN_MODES:-full}; do
+  for mode in ${TRAIN_MODES:-full lora deeplora}; do
     extra=""
     [[ $mode != full ]] && extra="--adapter $mode --rank 8"
     ./build/train --init gpt2 --data $TMP/gpt2.bin --vocab-dir none --batch 32 --seq-len 1024 --steps 12 \
       --val-fraction 0 --dtype bf16 --device cuda --out $TMP/train_$mode --log-every 1 $extra > "$OUT/logs/train_$mode.log" 2>&1
     result[train_$mode]=$(grep "^done" "$OUT/logs/train_$mode.log" | sed 's/.*, \([0-9.]*K tok\/s\).*/\1/')
+    [[ $mode == deeplora ]] && result[train_deeplora_init]=$(grep -iE "svd" "$OUT/logs/train_$mode.log" | head -1 | cut -c1-150)
     tail -4 "$OUT/logs/train_$mode.log"
   done
 fi
@@ -110,6 +113,9 @@ if has peers_train; then
   log "peer: torch_gpt2_bench.py ${PEER_TRAIN:-full_compile}"
   python3 .peers/torch_gpt2_bench.py ${PEER_TRAIN:-full_compile} > "$OUT/logs/peer_train.log" 2>&1
   result[peer_train]=$(grep tok_s "$OUT/logs/peer_train.log" | sed 's/.*"name": "\([a-z_]*\)".*"tok_s": \([0-9]*\).*/\1 \2 tok\/s/' | paste -sd';')
+  for mode in ${TRAIN_MODES:-full lora deeplora}; do
+    [[ -f "$OUT/logs/train_$mode.log" ]] && result[train_$mode]="${result[train_$mode]:-$(grep "^done" "$OUT/logs/train_$mode.log" | sed 's/.*, \([0-9.]*K tok\/s\).*/\1/')}"
+  done
   tail -3 "$OUT/logs/peer_train.log"
 fi
 
@@ -119,6 +125,15 @@ if has deepmc; then
     ./build/deep_mc --d 1000 --r 5 --p 0.2 --L 3 --eps 1e-3 --lr 5e3 --gamma 0.01 --iters 20000 --method $m \
       --dtype f64 --device cuda --graph on --log-every 5000 > "$OUT/logs/deepmc_$m.log" 2>&1
     result[deepmc_$m]=$(tail -1 "$OUT/logs/deepmc_$m.log")
+  done
+fi
+
+if has deepmc_scale; then
+  log "deep matrix completion, compressed, at scale (200 observations per row, as d=1000 p=0.2)"
+  for d in 10000 100000; do
+    ./build/deep_mc --d $d --r 5 --obs-per-row 200 --L 3 --eps 1e-3 --lr 5e3 --gamma 0.01 --iters ${SCALE_ITERS:-20000} \
+      --tol 1e-12 --method compressed --dtype f64 --device cuda --graph on --log-every 5000 > "$OUT/logs/deepmc_$d.log" 2>&1
+    result[deepmc_$d]=$(tail -1 "$OUT/logs/deepmc_$d.log")
   done
 fi
 
