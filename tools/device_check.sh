@@ -109,6 +109,28 @@ open('$TMP/gpt2.bin','wb').write(h.tobytes()+t.tobytes())"
   done
 fi
 
+if has dist; then
+  log "data parallel (needs 2 GPUs): NCCL equality test, then tokens/s on 1 vs 2 GPUs at the same per-GPU batch"
+  ./build/deeplora_tests -tc='*dist*' --duration=false > "$OUT/logs/dist_test.log" 2>&1
+  result[dist_test]=$(grep -E "^\[doctest\] (test cases|assertions)" "$OUT/logs/dist_test.log" | tr -s ' ' | paste -sd' ')
+  grep -E "MESSAGE|ERROR" "$OUT/logs/dist_test.log" | head -20
+  [[ -f $TMP/gpt2.bin ]] || python3 -c "
+import numpy as np
+t = np.random.default_rng(0).integers(0, 50257, 64*1025*14).astype(np.uint16)
+h = np.zeros(256, np.int32); h[0]=20240520; h[1]=1; h[2]=len(t)
+open('$TMP/gpt2.bin','wb').write(h.tobytes()+t.tobytes())"
+  for mode in ${TRAIN_MODES:-full lora deeplora}; do
+    extra=""
+    [[ $mode != full ]] && extra="--adapter $mode --rank 8"
+    args="--init gpt2 --data $TMP/gpt2.bin --vocab-dir none --batch 32 --seq-len 1024 --steps 12 --val-fraction 0 --dtype bf16 --device cuda --log-every 4 $extra"
+    ./build/train $args --out $TMP/dp1_$mode > "$OUT/logs/dp1_$mode.log" 2>&1
+    mpirun -np 2 --bind-to none --allow-run-as-root -x NCCL_NVLS_ENABLE=0 ./build/train $args --out $TMP/dp2_$mode > "$OUT/logs/dp2_$mode.log" 2>&1
+    a=$(grep "^done" "$OUT/logs/dp1_$mode.log" | sed 's/.*, \([0-9.]*\)K tok\/s.*/\1/'); b=$(grep "^done" "$OUT/logs/dp2_$mode.log" | sed 's/.*, \([0-9.]*\)K tok\/s.*/\1/')
+    result[dp_$mode]="1 GPU ${a}K, 2 GPUs ${b}K tok/s, ratio $(python3 -c "print(round($b/$a,3))" 2>/dev/null)"
+    tail -2 "$OUT/logs/dp2_$mode.log"
+  done
+fi
+
 if has peers_train; then
   log "peer: torch_gpt2_bench.py ${PEER_TRAIN:-full_compile}"
   python3 .peers/torch_gpt2_bench.py ${PEER_TRAIN:-full_compile} > "$OUT/logs/peer_train.log" 2>&1
