@@ -76,6 +76,25 @@ PY
   result[roundtrip]=$(grep '"compare"' "$OUT/logs/fixture.log" | tail -1 | sed 's/.*rel_err": \([^,]*\).*ok": \(.*\)}/rel_err \1 ok \2/')
 fi
 
+if has peft; then
+  log "LoRA vs PEFT: fixture (forward + gradients, checked in CI) and export -> PeftModel.from_pretrained"
+  if [[ ! -f tests/data/peft_tiny/expected.safetensors ]]; then
+    python3 tools/hf_crosscheck.py peft_fixture tests/data/hf_tiny "$OUT/peft_tiny" > "$OUT/logs/peft.log" 2>&1
+    mkdir -p tests/data/peft_tiny && cp -r "$OUT/peft_tiny/adapter" "$OUT/peft_tiny/expected.safetensors" tests/data/peft_tiny/
+  fi
+  ./build/deeplora_tests -tc='*PEFT*' --duration=false >> "$OUT/logs/peft.log" 2>&1
+  result[peft_fixture]=$(grep -E "^\[doctest\] assertions" "$OUT/logs/peft.log" | tr -s ' ')
+  ./build/train --model tests/data/hf_tiny --data $TMP/tiny.bin --vocab-dir none --batch 8 --seq-len 32 --steps 30 \
+    --adapter lora --rank 4 --alpha 8 --lr 1e-2 --dtype f32 --device cuda --out $TMP/lora_ft --log-every 10 >> "$OUT/logs/peft.log" 2>&1
+  ./build/gpt_logits --model $TMP/lora_ft/final --ids tests/data/hf_tiny/expected.safetensors --out $TMP/lora_ours.safetensors \
+    --device cuda >> "$OUT/logs/peft.log" 2>&1
+  python3 tools/hf_crosscheck.py peft_logits tests/data/hf_tiny $TMP/lora_ft/adapter tests/data/hf_tiny/expected.safetensors \
+    $TMP/lora_peft.safetensors >> "$OUT/logs/peft.log" 2>&1
+  python3 tools/hf_crosscheck.py compare $TMP/lora_ours.safetensors $TMP/lora_peft.safetensors logits 1e-4 | tee -a "$OUT/logs/peft.log"
+  result[peft_export]=$(grep '"compare"' "$OUT/logs/peft.log" | tail -1 | sed 's/.*rel_err": \([^,]*\).*ok": \(.*\)}/rel_err \1 ok \2/')
+  tar -czf "$OUT/peft_tiny.tar.gz" -C tests/data peft_tiny
+fi
+
 if has tokenizer; then
   log "tokenizer vs GPT2TokenizerFast"
   ./build/tokenize --vocab data/gpt2/vocab.json --merges data/gpt2/merges.txt --out-dir $TMP/tok \

@@ -7,6 +7,10 @@
                          deeplora's [out, in] layout, losses of 10 AdamW steps). f32 on the CPU.
   logits MODEL_DIR IDS OUT   logits of an HF model dir for the input_ids in IDS (safetensors)
   compare A B KEY TOL    relative error of tensor KEY between two safetensors files <= TOL
+  peft_fixture BASE OUT  a PEFT LoRA (r=4, alpha=8, c_attn/c_proj/c_fc, fan_in_fan_out) on the HF
+                         model BASE with random nonzero B: OUT/adapter (save_pretrained) and
+                         OUT/expected.safetensors (logits, loss, lora grads in deeplora's names)
+  peft_logits BASE ADAPTER IDS OUT   logits of PeftModel.from_pretrained(BASE, ADAPTER)
   tokenizer VOCAB_DIR TEXT SHARD   GPT2TokenizerFast ids of TEXT == the llm.c shard made by
                          deeplora's `tokenize` (documents separated by <|endoftext|>)
 """
@@ -79,6 +83,50 @@ def compare(a, b, key, tol):
     return 0 if ok else 1
 
 
+def peft_fixture(base, out):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(2)
+    model = GPT2LMHeadModel.from_pretrained(base, torch_dtype=torch.float32)
+    model.config._attn_implementation = "eager"
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                     lora_dropout=0.0)
+    pm = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)  # nonzero, so the adapter changes the output
+    os.makedirs(out, exist_ok=True)
+    pm.save_pretrained(os.path.join(out, "adapter"), safe_serialization=True)
+    ex = load_file(os.path.join(base, "expected.safetensors"))
+    ids, labels = ex["input_ids"].long(), ex["labels"].long()
+    logits = pm(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    loss.backward()
+    exp = {"logits": logits.detach().contiguous(), "loss": loss.detach().reshape(())}
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            # base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight -> h.0.attn.c_attn.lora.A
+            mod = n.split("transformer.", 1)[1].split(".lora_")[0]
+            which = "A" if ".lora_A." in n else "B"
+            exp[f"grad.{mod}.lora.{which}"] = p.grad.detach().contiguous()
+    save_file(exp, os.path.join(out, "expected.safetensors"))
+    print(json.dumps({"peft_fixture": out, "loss": loss.item(), "lora_tensors": len(exp) - 2}))
+
+
+def peft_logits(base, adapter, ids_file, out):
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(base, torch_dtype=torch.float32)
+    pm = PeftModel.from_pretrained(model, adapter).eval()
+    ids = load_file(ids_file)["input_ids"].long()
+    with torch.no_grad():
+        lg = pm(input_ids=ids).logits
+    save_file({"logits": lg.contiguous()}, out)
+
+
 def tokenizer(vocab_dir, text_file, shard):
     from transformers import GPT2TokenizerFast
 
@@ -117,6 +165,10 @@ if __name__ == "__main__":
         logits(*args)
     elif cmd == "compare":
         sys.exit(compare(*args))
+    elif cmd == "peft_fixture":
+        peft_fixture(*args)
+    elif cmd == "peft_logits":
+        peft_logits(*args)
     elif cmd == "tokenizer":
         sys.exit(tokenizer(*args))
     else:
