@@ -21,6 +21,7 @@
 #include "runtime/io/atomic_file.h"
 #include "runtime/io/dataloader.h"
 #include "runtime/io/safetensors.h"
+#include "runtime/io/staging.h"
 #include "runtime/ops.h"
 #include "runtime/optim.h"
 #include "runtime/tape.h"
@@ -118,8 +119,9 @@ double evaluate(Gpt& model, DataLoader& val, int64_t n_batches) {
 
 // Checkpoints: out/ckpt-<step>/{model,optim}.safetensors + trainer.json, then out/latest names the
 // directory (written atomically last), so a crash anywhere leaves the previous checkpoint in force.
+// (epoch, position): where the data loader resumes, i.e. before any batch fetched ahead.
 void save_checkpoint(const TrainOptions& o, Gpt& model, const Adapters& adapters, AdamW& opt, int64_t step,
-                     const DataLoader& dl) {
+                     int64_t epoch, int64_t position) {
   fs::path dir = fs::path(o.out_dir) / fmt::format("ckpt-{:08d}", step);
   fs::create_directories(dir);
   NamedTensors weights;
@@ -127,7 +129,7 @@ void save_checkpoint(const TrainOptions& o, Gpt& model, const Adapters& adapters
   for (auto& [n, t] : adapter_state(adapters)) weights.emplace_back(n, t);
   save_safetensors((dir / "model.safetensors").string(), weights);
   save_safetensors((dir / "optim.safetensors").string(), opt.state_tensors());
-  nlohmann::json j = {{"step", step}, {"epoch", dl.epoch()}, {"position", dl.position()}, {"seed", o.seed},
+  nlohmann::json j = {{"step", step}, {"epoch", epoch}, {"position", position}, {"seed", o.seed},
                       {"optimizer_steps", opt.step_count()}};
   write_file_atomic((dir / "trainer.json").string(), j.dump(2));
   model.config().save_json_file((dir / "config.json").string());
@@ -301,6 +303,22 @@ TrainResult train_impl(const TrainOptions& o, const dist::Context& dc) {
   std::vector<double> tps;
   const auto t_start = Clock::now();
   int64_t run_steps = 0;
+  // Batches go up through pinned buffers without a host sync; the next one is read and queued while
+  // the GPU still works on the current one. `pending` remembers where the loader stood before it.
+  PinnedStaging staging;
+  struct Pending {
+    Tensors2 t;
+    int64_t epoch = 0, pos = 0;
+  };
+  auto fetch = [&] {
+    Pending p;
+    p.epoch = dl.epoch();
+    p.pos = dl.position();
+    Batch b = dl.next();
+    p.t = {staging.upload(b.inputs, Shape{b.B, b.T}, dev), staging.upload(b.targets, Shape{b.B, b.T}, dev)};
+    return p;
+  };
+  std::optional<Pending> pending;
   for (; step < total_steps; ++step) {
     const auto t0 = Clock::now();
     if (o.on_step) o.on_step(step);
@@ -308,10 +326,12 @@ TrainResult train_impl(const TrainOptions& o, const dist::Context& dc) {
     opt.zero_grad();
     double loss_sum = 0;
     for (int64_t micro = 0; micro < o.grad_accum; ++micro) {
-      auto t = to_device(dl.next(), dev);
-      Tensor loss = model->loss(t.in, t.tgt);
+      Pending cur = pending ? std::move(*pending) : fetch();
+      pending.reset();
+      Tensor loss = model->loss(cur.t.in, cur.t.tgt);
       if (reducer && micro + 1 == o.grad_accum) reducer->arm();  // DP: all-reduce in the last backward only
       backward(o.grad_accum > 1 ? ops::scale(loss, 1.0 / double(o.grad_accum)) : loss);
+      if (micro + 1 < o.grad_accum || step + 1 < total_steps) pending = fetch();  // overlaps the GPU's work
       loss_sum += loss.item();
     }
     if (reducer) reducer->finish();  // DP: grads now averaged over ranks (before the norm and clip)
@@ -351,7 +371,9 @@ TrainResult train_impl(const TrainOptions& o, const dist::Context& dc) {
     }
     metrics.flush();
     if (o.ckpt_every > 0 && ((step + 1) % o.ckpt_every == 0 || last)) {
-      if (dc.rank == 0) save_checkpoint(o, *model, adapters, opt, step + 1, dl);
+      if (dc.rank == 0)
+        save_checkpoint(o, *model, adapters, opt, step + 1, pending ? pending->epoch : dl.epoch(),
+                        pending ? pending->pos : dl.position());
       dist::barrier();  // DP: every rank may resume from it once this step is over
     }
     if (o.stop_after > 0 && run_steps >= o.stop_after) {
