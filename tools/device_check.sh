@@ -41,13 +41,6 @@ if has test; then
   grep -B2 -A8 "ERROR" "$OUT/logs/test.log" | head -60
 fi
 
-if has sanitize; then
-  log "compute-sanitizer memcheck (GPU test cases)"
-  compute-sanitizer --tool memcheck --error-exitcode 9 ./build/deeplora_tests \
-    -tc='*CUDA*,*allocator*,*GPU*,*cuda*' --duration=false > "$OUT/logs/sanitize.log" 2>&1
-  result[sanitize]=$(grep -E "ERROR SUMMARY" "$OUT/logs/sanitize.log" | tail -1)
-  tail -5 "$OUT/logs/sanitize.log"
-fi
 
 if has fixture; then
   log "transformers fixture + logits round trip"
@@ -78,6 +71,11 @@ fi
 
 if has peft; then
   log "LoRA vs PEFT: fixture (forward + gradients, checked in CI) and export -> PeftModel.from_pretrained"
+  [[ -f $TMP/tiny.bin ]] || python3 -c "
+import numpy as np
+t = np.random.default_rng(0).integers(0, 64, 20000).astype(np.uint16)
+h = np.zeros(256, np.int32); h[0]=20240520; h[1]=1; h[2]=len(t)
+open('$TMP/tiny.bin','wb').write(h.tobytes()+t.tobytes())"
   if [[ ! -f tests/data/peft_tiny/expected.safetensors ]]; then
     python3 tools/hf_crosscheck.py peft_fixture tests/data/hf_tiny "$OUT/peft_tiny" > "$OUT/logs/peft.log" 2>&1
     mkdir -p tests/data/peft_tiny && cp -r "$OUT/peft_tiny/adapter" "$OUT/peft_tiny/expected.safetensors" tests/data/peft_tiny/
@@ -161,20 +159,24 @@ if has peers_train; then
 fi
 
 if has deepmc; then
-  log "deep matrix completion (ours)"
+  log "deep matrix completion (ours): the authors' setting, graph capture on and off"
+  COMMON="--d 1000 --r 5 --p 0.2 --L 3 --eps 1e-3 --lr 5e3 --gamma 0.01 --iters 20000 --dtype f64 --device cuda"
   for m in compressed original; do
-    ./build/deep_mc --d 1000 --r 5 --p 0.2 --L 3 --eps 1e-3 --lr 5e3 --gamma 0.01 --iters 20000 --method $m \
-      --dtype f64 --device cuda --graph on --log-every 5000 > "$OUT/logs/deepmc_$m.log" 2>&1
-    result[deepmc_$m]=$(tail -1 "$OUT/logs/deepmc_$m.log")
+    for g in on off; do
+      ./build/deep_mc $COMMON --method $m --graph $g --log-every 5000 $([[ $g == on ]] && echo "--csv $OUT/mc_$m.csv") \
+        > "$OUT/logs/deepmc_${m}_$g.log" 2>&1
+      result[deepmc_${m}_graph_$g]=$(tail -1 "$OUT/logs/deepmc_${m}_$g.log" | python3 -c "import json,sys; r=json.loads(sys.stdin.read())['runs'][0]; print(f\"{r['seconds']:.3f} s, {r['us_per_iter']:.1f} us/iter, recovery {r['recovery']:.2e}\")" 2>/dev/null)
+    done
   done
 fi
 
 if has deepmc_scale; then
-  log "deep matrix completion, compressed, at scale (200 observations per row, as d=1000 p=0.2)"
-  for d in 10000 100000; do
-    ./build/deep_mc --d $d --r 5 --obs-per-row 200 --L 3 --eps 1e-3 --lr 5e3 --gamma 0.01 --iters ${SCALE_ITERS:-20000} \
-      --tol 1e-12 --method compressed --dtype f64 --device cuda --graph on --log-every 5000 > "$OUT/logs/deepmc_$d.log" 2>&1
-    result[deepmc_$d]=$(tail -1 "$OUT/logs/deepmc_$d.log")
+  log "deep matrix completion, compressed, at scale (200 observations per row, as d=1000 p=0.2; --lr auto)"
+  for spec in "10000 40000" "100000 60000"; do
+    set -- $spec
+    ./build/deep_mc --d $1 --r 5 --obs-per-row 200 --L 3 --eps 1e-3 --lr auto --gamma 0.01 --iters $2 \
+      --tol 1e-12 --method compressed --dtype f64 --device cuda --graph on --log-every 5000 > "$OUT/logs/deepmc_$1.log" 2>&1
+    result[deepmc_$1]=$(tail -1 "$OUT/logs/deepmc_$1.log" | python3 -c "import json,sys; r=json.loads(sys.stdin.read())['runs'][0]; print(f\"{r['iters']} iters, {r['seconds']:.2f} s, {r['us_per_iter']:.1f} us/iter, recovery {r['recovery']:.2e} (sampled={r['recovery_estimated']})\")" 2>/dev/null)
   done
 fi
 
@@ -182,6 +184,14 @@ if has peers_mc; then
   log "peer: jax_deep_mc.py"
   python3 .peers/jax_deep_mc.py > "$OUT/logs/peer_mc.log" 2>&1
   result[peer_mc]=$(grep seconds "$OUT/logs/peer_mc.log" | paste -sd';')
+fi
+
+if has sanitize; then
+  log "compute-sanitizer memcheck (GPU test cases)"
+  compute-sanitizer --tool memcheck --error-exitcode 9 ./build/deeplora_tests \
+    -tc='*CUDA*,*allocator*,*GPU*,*cuda*' --duration=false > "$OUT/logs/sanitize.log" 2>&1
+  result[sanitize]=$(grep -E "ERROR SUMMARY" "$OUT/logs/sanitize.log" | tail -1)
+  tail -5 "$OUT/logs/sanitize.log"
 fi
 
 echo

@@ -1,0 +1,533 @@
+// Deep matrix completion: the target (generated or loaded), the original and the compressed deep
+// factorizations, and the compressed initialization (exact for moderate d, implicit for large d).
+#include "models/deep_mc.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <sstream>
+#include <unordered_set>
+
+#include "kernels/dispatch.h"
+#include "kernels/rng.h"
+#include "kernels/sparse.h"
+#include "runtime/linalg.h"
+#include "runtime/ops.h"
+
+namespace deeplora::deep_mc {
+namespace {
+
+// [d, ka] | [d, kb] -> [d, ka + kb] through the host (initialization only).
+Tensor hcat(const Tensor& a, const Tensor& b) {
+  const int64_t d = a.dim(0), ka = a.dim(1), kb = b.dim(1);
+  std::vector<double> x = a.to_double(), y = b.to_double(), out(size_t(d * (ka + kb)));
+  for (int64_t i = 0; i < d; ++i) {
+    for (int64_t c = 0; c < ka; ++c) out[size_t(i * (ka + kb) + c)] = x[size_t(i * ka + c)];
+    for (int64_t c = 0; c < kb; ++c) out[size_t(i * (ka + kb) + ka + c)] = y[size_t(i * kb + c)];
+  }
+  return Tensor::from_vector(out, Shape{d, ka + kb}, a.dtype(), a.device());
+}
+
+// Inverse of a small n x n matrix (Gauss-Jordan, partial pivoting).
+Tensor small_inverse(const Tensor& R) {
+  const int64_t n = R.dim(0);
+  std::vector<double> a = R.to_double(), inv(size_t(n * n), 0.0);
+  for (int64_t i = 0; i < n; ++i) inv[size_t(i * n + i)] = 1.0;
+  for (int64_t c = 0; c < n; ++c) {
+    int64_t piv = c;
+    for (int64_t r = c + 1; r < n; ++r)
+      if (std::abs(a[size_t(r * n + c)]) > std::abs(a[size_t(piv * n + c)])) piv = r;
+    if (std::abs(a[size_t(piv * n + c)]) < 1e-300) throw std::runtime_error("deep_mc init: singular basis matrix");
+    for (int64_t j = 0; j < n; ++j) {
+      std::swap(a[size_t(c * n + j)], a[size_t(piv * n + j)]);
+      std::swap(inv[size_t(c * n + j)], inv[size_t(piv * n + j)]);
+    }
+    const double s = 1.0 / a[size_t(c * n + c)];
+    for (int64_t j = 0; j < n; ++j) {
+      a[size_t(c * n + j)] *= s;
+      inv[size_t(c * n + j)] *= s;
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      if (r == c) continue;
+      const double f = a[size_t(r * n + c)];
+      if (f == 0.0) continue;
+      for (int64_t j = 0; j < n; ++j) {
+        a[size_t(r * n + j)] -= f * a[size_t(c * n + j)];
+        inv[size_t(r * n + j)] -= f * inv[size_t(c * n + j)];
+      }
+    }
+  }
+  return Tensor::from_vector(inv, R.shape(), R.dtype(), R.device());
+}
+
+// Dense 0/1 mask of a pattern (the original model and the exact init are d x d anyway).
+Tensor dense_mask(const SparsePattern& p, DType dt, Device dev, bool complement) {
+  std::vector<double> m(size_t(p.rows * p.cols), complement ? 1.0 : 0.0);
+  for (int64_t i = 0; i < p.rows; ++i)
+    for (int32_t e = p.h_row_ptr[size_t(i)]; e < p.h_row_ptr[size_t(i) + 1]; ++e)
+      m[size_t(i * p.cols + p.h_col_idx[size_t(e)])] = complement ? 0.0 : 1.0;
+  return Tensor::from_vector(m, Shape{p.rows, p.cols}, dt, dev);
+}
+
+Tensor identity(int64_t k, double s, DType dt, Device dev) {
+  std::vector<double> v(size_t(k * k), 0.0);
+  for (int64_t i = 0; i < k; ++i) v[size_t(i * k + i)] = s;
+  return Tensor::from_vector(v, Shape{k, k}, dt, dev);
+}
+
+// Target values at the pattern's entries, in CSR order, from f64 host factors.
+std::vector<double> values_at(const SparsePattern& p, const std::vector<double>& U, const std::vector<double>& V,
+                              int64_t k) {
+  std::vector<double> m(static_cast<size_t>(p.nnz));
+  for (int64_t i = 0; i < p.rows; ++i)
+    for (int32_t e = p.h_row_ptr[size_t(i)]; e < p.h_row_ptr[size_t(i) + 1]; ++e) {
+      const int64_t j = p.h_col_idx[size_t(e)];
+      double s = 0;
+      for (int64_t c = 0; c < k; ++c) s += U[size_t(i * k + c)] * V[size_t(j * k + c)];
+      m[size_t(e)] = s;
+    }
+  return m;
+}
+
+Target finish_target(int64_t d, int64_t rank, const std::vector<double>& U, const std::vector<double>& V,
+                     const std::vector<int32_t>& ri, const std::vector<int32_t>& ci, DType dt, Device dev,
+                     std::string source) {
+  if (ri.empty())
+    throw std::invalid_argument(fmt::format("{}: no entry is observed (raise --p or check the file)", source));
+  Target t;
+  t.d = d;
+  t.rank = rank;
+  t.source = std::move(source);
+  SparsePattern host = SparsePattern::from_pairs(d, d, ri, ci, Device::cpu, t.source);
+  std::vector<double> m = values_at(host, U, V, rank);
+  t.omega = host.to(dev);
+  t.U = Tensor::from_vector(U, Shape{d, rank}, dt, dev);
+  t.V = Tensor::from_vector(V, Shape{d, rank}, dt, dev);
+  t.m_csr = Tensor::from_vector(m, Shape{host.nnz}, dt, dev);
+  t.m_csc = Tensor::from_vector(host.csr_to_csc(m), Shape{host.nnz}, dt, dev);
+  return t;
+}
+
+}  // namespace
+
+uint64_t seed_of(uint64_t seed, uint64_t k) { return rng::bits(seed, k); }
+
+// ---- target ---------------------------------------------------------------------------------------
+
+Target make_target(int64_t d, int64_t r, double p, int64_t obs_per_row, uint64_t seed, DType dt, Device dev) {
+  if (d < 2 || r < 1 || r > d) throw std::invalid_argument(fmt::format("make_target: bad d = {} or r = {}", d, r));
+  if (!(p > 0.0 && p <= 1.0) && obs_per_row <= 0)
+    throw std::invalid_argument(fmt::format("make_target: p = {} must be in (0, 1]", p));
+  // M = (√s·Q_U)(√s·Q_V)ᵀ, Q_* orthonormal bases of seeded Gaussians, every singular value s = 2·sqrt(d).
+  const double root_s = std::sqrt(2.0 * std::sqrt(double(d)));
+  auto factor = [&](uint64_t k) {
+    Tensor q = linalg::orthonormalize(Tensor::randn(Shape{d, r}, seed_of(seed, k), DType::f64, Device::cpu));
+    std::vector<double> v = q.to_double();
+    for (double& x : v) x *= root_s;
+    return v;
+  };
+  std::vector<double> U = factor(1), V = factor(2);
+  std::vector<int32_t> ri, ci;
+  const uint64_t mseed = seed_of(seed, 3);
+  const double lq = p < 1.0 ? std::log1p(-p) : 0.0;
+  std::vector<int32_t> row;
+  for (int64_t i = 0; i < d; ++i) {
+    const uint64_t s = rng::bits(mseed, uint64_t(i));
+    row.clear();
+    if (obs_per_row > 0) {
+      const int64_t n = std::min(obs_per_row, d);
+      std::unordered_set<int64_t> chosen;
+      uint64_t c = 0;
+      for (int64_t j = d - n; j < d; ++j) {  // Floyd: n distinct values from [0, d)
+        int64_t t = int64_t(rng::u01(s, c++) * double(j + 1));
+        if (t > j) t = j;
+        if (!chosen.insert(t).second) chosen.insert(j);
+      }
+      for (int64_t j : chosen) row.push_back(int32_t(j));
+      std::sort(row.begin(), row.end());
+    } else if (p >= 1.0) {
+      for (int64_t j = 0; j < d; ++j) row.push_back(int32_t(j));
+    } else {
+      double j = -1.0;
+      for (uint64_t c = 0;; ++c) {
+        j += 1.0 + std::floor(std::log(rng::u01_open(s, c)) / lq);
+        if (j >= double(d)) break;
+        row.push_back(int32_t(j));
+      }
+    }
+    for (int32_t j : row) {
+      ri.push_back(int32_t(i));
+      ci.push_back(j);
+    }
+  }
+  std::string src = obs_per_row > 0 ? fmt::format("generated (seed {}, d {}, rank {}, {} observed per row)", seed, d, r,
+                                                  obs_per_row)
+                                    : fmt::format("generated (seed {}, d {}, rank {}, p {})", seed, d, r, p);
+  return finish_target(d, r, U, V, ri, ci, dt, dev, src);
+}
+
+Target load_target(const std::string& path, DType dt, Device dev) {
+  std::ifstream in(path);
+  if (!in) throw std::invalid_argument(fmt::format("target file '{}': cannot open it for reading", path));
+  int64_t lineno = 0;
+  std::string line;
+  auto fail = [&](const std::string& msg) -> std::invalid_argument {
+    return std::invalid_argument(fmt::format("target file '{}': line {}: {}", path, lineno, msg));
+  };
+  // Next non-blank, non-comment line, split into tokens.
+  auto next = [&](const char* expecting) {
+    while (std::getline(in, line)) {
+      ++lineno;
+      const size_t h = line.find('#');
+      if (h != std::string::npos) line.resize(h);
+      std::istringstream ss(line);
+      std::vector<std::string> tok;
+      for (std::string w; ss >> w;) tok.push_back(w);
+      if (!tok.empty()) return tok;
+    }
+    ++lineno;
+    throw fail(fmt::format("unexpected end of file, expected {}", expecting));
+  };
+  auto to_int = [&](const std::string& s, const char* what) {
+    size_t pos = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(s, &pos);
+    } catch (...) {
+      pos = 0;
+    }
+    if (pos != s.size()) throw fail(fmt::format("{} '{}' is not an integer", what, s));
+    return int64_t(v);
+  };
+  auto to_num = [&](const std::string& s) {
+    size_t pos = 0;
+    double v = 0;
+    try {
+      v = std::stod(s, &pos);
+    } catch (...) {
+      pos = 0;
+    }
+    if (pos != s.size() || !std::isfinite(v)) throw fail(fmt::format("'{}' is not a finite number", s));
+    return v;
+  };
+  auto keyed = [&](const char* key) {
+    auto t = next(key);
+    if (t.size() != 2 || t[0] != key) throw fail(fmt::format("expected '{} <value>'", key));
+    return t[1];
+  };
+  auto head = next("the header 'deep_mc_target 1'");
+  if (head.size() != 2 || head[0] != "deep_mc_target" || head[1] != "1")
+    throw fail("expected the header 'deep_mc_target 1'");
+  const int64_t d = to_int(keyed("d"), "d");
+  if (d < 2 || d > (int64_t(1) << 30)) throw fail(fmt::format("d = {} out of range [2, 2^30]", d));
+  const int64_t k = to_int(keyed("rank"), "rank");
+  if (k < 1 || k > d) throw fail(fmt::format("rank = {} out of range [1, d = {}]", k, d));
+  auto matrix = [&](const char* name) {
+    auto t = next(name);
+    if (t.size() != 1 || t[0] != name) throw fail(fmt::format("expected the line '{}'", name));
+    std::vector<double> m(static_cast<size_t>(d * k));
+    for (int64_t i = 0; i < d; ++i) {
+      auto row = next(fmt::format("row {} of {}", i, name).c_str());
+      if (int64_t(row.size()) != k) throw fail(fmt::format("row {} of {} has {} numbers, expected {}", i, name, row.size(), k));
+      for (int64_t c = 0; c < k; ++c) m[size_t(i * k + c)] = to_num(row[size_t(c)]);
+    }
+    return m;
+  };
+  std::vector<double> U = matrix("U"), V = matrix("V");
+  const int64_t n = to_int(keyed("observed"), "observed");
+  if (n < 1 || n > d * d) throw fail(fmt::format("observed = {} out of range [1, d² = {}]", n, d * d));
+  std::vector<int32_t> ri(static_cast<size_t>(n)), ci(static_cast<size_t>(n));
+  for (int64_t e = 0; e < n; ++e) {
+    auto t = next("an observed entry 'i j'");
+    if (t.size() != 2) throw fail("expected an observed entry 'i j'");
+    const int64_t i = to_int(t[0], "row index"), j = to_int(t[1], "column index");
+    if (i < 0 || i >= d || j < 0 || j >= d) throw fail(fmt::format("entry ({}, {}) is outside [0, {})", i, j, d));
+    ri[size_t(e)] = int32_t(i);
+    ci[size_t(e)] = int32_t(j);
+  }
+  while (std::getline(in, line)) {
+    ++lineno;
+    const size_t h = line.find('#');
+    if (line.substr(0, h).find_first_not_of(" \t\r") != std::string::npos)
+      throw fail(fmt::format("unexpected content after the {} observed entries", n));
+  }
+  return finish_target(d, k, U, V, ri, ci, dt, dev, fmt::format("target file '{}'", path));
+}
+
+void save_target(const Target& t, const std::string& path) {
+  std::ofstream out(path);
+  if (!out) throw std::invalid_argument(fmt::format("target file '{}': cannot open it for writing", path));
+  out << "deep_mc_target 1\n# M = U V^T; observed entries are 0-based (row, column)\n";
+  out << "d " << t.d << "\nrank " << t.rank << "\n";
+  for (const auto& [name, m] : {std::pair<const char*, Tensor>{"U", t.U}, {"V", t.V}}) {
+    out << name << "\n";
+    std::vector<double> v = m.to_double();
+    for (int64_t i = 0; i < t.d; ++i) {
+      for (int64_t c = 0; c < t.rank; ++c) out << (c ? " " : "") << fmt::format("{:.17g}", v[size_t(i * t.rank + c)]);
+      out << "\n";
+    }
+  }
+  out << "observed " << t.omega.nnz << "\n";
+  for (int64_t i = 0; i < t.d; ++i)
+    for (int32_t e = t.omega.h_row_ptr[size_t(i)]; e < t.omega.h_row_ptr[size_t(i) + 1]; ++e)
+      out << i << " " << t.omega.h_col_idx[size_t(e)] << "\n";
+  if (!out) throw std::runtime_error(fmt::format("target file '{}': write failed", path));
+}
+
+Tensor orthogonal_init(int64_t d, int64_t l, uint64_t seed, DType dt, Device dev) {
+  return linalg::random_orthonormal(d, d, seed_of(seed, 100 + uint64_t(l)), dt, dev);
+}
+
+// ---- original ---------------------------------------------------------------------------------------
+
+Original::Original(const Target& t, const Config& c, Device dev) {
+  NoGrad ng;
+  const DType dt = t.U.dtype();
+  const int64_t d = t.d;
+  alpha_ = 1.0 / (double(d) * double(d));
+  lr_ = c.lr;
+  for (int64_t l = 1; l <= c.L; ++l) {
+    Tensor w = ops::scale(orthogonal_init(d, l, c.seed, dt, dev), c.eps);
+    w.set_name(fmt::format("W{}", l)).set_requires_grad(true);
+    W.push_back(w);
+  }
+  M_ = ops::matmul(t.U, t.V, false, true);
+  unmask_ = dense_mask(t.omega, dt, dev, true);
+  omega_ = t.omega;
+  m_csr_ = t.m_csr;
+  n_unobs_ = double(d) * double(d) - double(t.omega.nnz);
+  train_out_ = Tensor::zeros(Shape{}, dt, dev);
+  rec_out_ = Tensor::zeros(Shape{}, dt, dev);
+}
+
+Tensor Original::product() const {
+  Tensor P = W[0];
+  for (size_t l = 1; l < W.size(); ++l) P = ops::matmul(W[l], P);
+  return P;
+}
+
+// The loss reads W only at Ω (a gather; its backward scatters into the zero-filled gradient of W):
+// about a third of the memory traffic of a dense masked loss over d² entries.
+void Original::step() {
+  Tensor loss = ops::sq_error(ops::at_pattern(product(), omega_), m_csr_, alpha_);
+  backward(loss);
+  sgd_step(W, std::vector<double>(W.size(), lr_));
+}
+
+void Original::evaluate_async() {
+  NoGrad ng;
+  Tensor P = product();
+  train_out_.copy_from(ops::sq_error(ops::at_pattern(P, omega_), m_csr_, alpha_));
+  rec_out_.copy_from(ops::sq_error(P, M_, n_unobs_ > 0 ? 1.0 / n_unobs_ : 0.0, unmask_));
+}
+
+Metrics Original::read_metrics() const { return Metrics{train_out_.item(), rec_out_.item(), false}; }
+
+Tensor Original::dense_W() const {
+  NoGrad ng;
+  return product().detach();
+}
+
+int64_t Original::n_params() const { return int64_t(W.size()) * W[0].numel(); }
+
+// ---- compressed -------------------------------------------------------------------------------------
+
+Compressed::Compressed(const Target& t, const Config& c, Device dev) : dev_(dev), dt_(t.U.dtype()) {
+  NoGrad ng;
+  d_ = t.d;
+  k_ = 2 * c.r;
+  alpha_ = 1.0 / (double(d_) * double(d_));
+  lr_ = c.lr;
+  gamma_ = c.gamma;
+  omega_ = t.omega;
+  m_csr_ = t.m_csr;
+  m_csc_ = t.m_csc;
+  U_ = t.U;
+  V_ = t.V;
+  used_exact_init = c.init == InitMode::exact || (c.init == InitMode::automatic && d_ <= 4096);
+  if (used_exact_init) init_exact(t, c);
+  else init_implicit(t, c);
+  A.set_name("A").set_requires_grad(true);
+  B.set_name("B").set_requires_grad(true);
+  for (int64_t l = 1; l <= c.L; ++l) {
+    Tensor kl = identity(k_, c.eps, dt_, dev);
+    kl.set_name(fmt::format("K{}", l)).set_requires_grad(true);
+    K.push_back(kl);
+  }
+  fused_ = c.impl == Impl::fused && kernels::lowrank_step_supported(dt_, k_, c.L);
+  if (fused_) {
+    A2_ = Tensor::zeros(A.shape(), dt_, dev);
+    B2_ = Tensor::zeros(B.shape(), dt_, dev);
+    const size_t bytes = kernels::lowrank_step_workspace_bytes(d_, d_, k_);
+    work_ = Tensor::zeros(Shape{int64_t((bytes + 3) / 4)}, DType::i32, dev);  // the ticket counter starts at 0
+    loss_out_ = Tensor::zeros(Shape{}, dt_, dev);
+  }
+  // Recovery error: exact (a pass over all d² entries, O(d² k)), or on a fixed random sample.
+  n_unobs_ = double(d_) * double(d_) - double(omega_.nnz);
+  const int64_t ns = c.eval_sample < 0 ? (d_ <= 20000 ? 0 : 1000000) : c.eval_sample;
+  eval_sampled_ = ns > 0;
+  if (eval_sampled_) {
+    const int64_t n = int64_t(std::min<double>(double(ns), n_unobs_));
+    std::vector<int32_t> si, sj;
+    std::unordered_set<int64_t> seen;
+    const uint64_t s = seed_of(c.seed, 400);
+    const auto& rp = omega_.h_row_ptr;
+    const auto& ci = omega_.h_col_idx;
+    for (uint64_t ctr = 0; int64_t(si.size()) < n; ctr += 2) {
+      const int64_t i = std::min<int64_t>(int64_t(rng::u01(s, ctr) * double(d_)), d_ - 1);
+      const int64_t j = std::min<int64_t>(int64_t(rng::u01(s, ctr + 1) * double(d_)), d_ - 1);
+      if (std::binary_search(ci.begin() + rp[size_t(i)], ci.begin() + rp[size_t(i) + 1], int32_t(j))) continue;
+      if (!seen.insert(i * d_ + j).second) continue;
+      si.push_back(int32_t(i));
+      sj.push_back(int32_t(j));
+    }
+    sample_ = SparsePattern::from_pairs(d_, d_, si, sj, dev, "recovery sample");
+    m_sample_ = ops::sampled_dot(U_, V_, sample_);
+  }
+  train_out_ = Tensor::zeros(Shape{}, dt_, dev);
+  rec_out_ = Tensor::zeros(Shape{}, DType::f64, dev);
+}
+
+// Exact: the wide model's O = O_L⋯O_1 and its gradient at t = 0, both d x d, formed once.
+void Compressed::init_exact(const Target& t, const Config& c) {
+  Tensor O = orthogonal_init(d_, 1, c.seed, dt_, dev_);
+  for (int64_t l = 2; l <= c.L; ++l) O = ops::matmul(orthogonal_init(d_, l, c.seed, dt_, dev_), O);
+  Tensor W0 = ops::scale(O, std::pow(c.eps, double(c.L)));
+  Tensor M = ops::matmul(t.U, t.V, false, true);
+  Tensor G = ops::scale(ops::mul(ops::add(W0, ops::scale(M, -1.0)), dense_mask(t.omega, dt_, dev_, false)), alpha_);
+  linalg::Svd s = linalg::svd_topk(G, c.r);
+  Ur = s.U;
+  Vr = s.V;
+  B = linalg::orthonormalize(hcat(Vr, ops::matmul(O, Ur, true, false)), &n_completed);
+  A = ops::matmul(O, B);
+}
+
+// Implicit, for large d (nothing d x d is formed):
+// - G is supported on Ω; its values are taken at W(0) ≈ 0, i.e. g_e = −m_e/d² (the ε^L·O term is
+//   ~ε^L/sqrt(d) per entry, far below the solver's accuracy). U_r, V_r come from a randomized
+//   subspace iteration (r + 10 columns, svd_iters rounds) with sparse-dense products, then a small
+//   dense SVD (linalg::svd_topk of the d x (r+10) matrix Gᵀ·Q).
+// - O is never drawn. Only the pair (B = orth([V_r, OᵀU_r]), A = O·B) enters the method, and for a
+//   Haar-random O: Z = OᵀU_r is a Haar-random orthonormal d x r frame, and given Z, O maps the
+//   orthonormal frame Y = orth((I − ZZᵀ)V_r) to a random orthonormal frame Y' ⊥ U_r. So we draw
+//   Z and Y' (seeded), write [V_r, Z] = B·R (QR), O·V_r = U_r·(ZᵀV_r) + Y'·(Yᵀ(I − ZZᵀ)V_r), and
+//   A = [O·V_r, U_r]·R⁻¹ = O·B for an orthogonal O consistent with everything used.
+void Compressed::init_implicit(const Target&, const Config& c) {
+  const int64_t r = c.r, q = std::min<int64_t>(r + 10, d_);
+  Tensor g = ops::scale(m_csr_, -alpha_);
+  Tensor Q = linalg::orthonormalize(ops::spmm(omega_, g, Tensor::randn(Shape{d_, q}, seed_of(c.seed, 300), dt_, dev_)));
+  for (int64_t it = 0; it < c.svd_iters; ++it) {
+    Tensor Z = linalg::orthonormalize(ops::spmm(omega_, g, Q, true));
+    Q = linalg::orthonormalize(ops::spmm(omega_, g, Z));
+  }
+  linalg::Svd s = linalg::svd_topk(ops::spmm(omega_, g, Q, true), r);  // Gᵀ Q = Ub S Vbᵀ  =>  G ≈ (Q Vb) S Ubᵀ
+  Ur = ops::matmul(Q, s.V);
+  Vr = s.U;
+  Tensor Z = linalg::random_orthonormal(d_, r, seed_of(c.seed, 200), dt_, dev_);
+  Tensor C0 = hcat(Vr, Z);
+  B = linalg::orthonormalize(C0, &n_completed);
+  Tensor R = ops::matmul(B, C0, true, false);
+  Tensor ZtV = ops::matmul(Z, Vr, true, false);
+  Tensor Yr = ops::add(Vr, ops::scale(ops::matmul(Z, ZtV), -1.0));
+  Tensor Y = linalg::orthonormalize(Yr);
+  Tensor Cy = ops::matmul(Y, Yr, true, false);
+  Tensor N = Tensor::randn(Shape{d_, r}, seed_of(c.seed, 201), dt_, dev_);
+  Tensor Yp = linalg::orthonormalize(ops::add(N, ops::scale(ops::matmul(Ur, ops::matmul(Ur, N, true, false)), -1.0)));
+  Tensor OV = ops::add(ops::matmul(Ur, ZtV), ops::matmul(Yp, Cy));
+  A = ops::matmul(hcat(OV, Ur), small_inverse(R));
+}
+
+Tensor Compressed::kprod() const {
+  Tensor Kp = K[0];
+  for (size_t l = 1; l < K.size(); ++l) Kp = ops::matmul(K[l], Kp);
+  return Kp;
+}
+
+void Compressed::fused_step(const Tensor& a_in, const Tensor& b_in, const Tensor& a_out, const Tensor& b_out) {
+  kernels::LowrankStep s;
+  s.dt = dt_;
+  s.rows = d_;
+  s.cols = d_;
+  s.k = k_;
+  s.L = int64_t(K.size());
+  s.row_ptr = omega_.row_ptr.data_as<int32_t>();
+  s.col_idx = omega_.col_idx.data_as<int32_t>();
+  s.col_ptr = omega_.col_ptr.data_as<int32_t>();
+  s.csc_row = omega_.csc_row.data_as<int32_t>();
+  s.vals_csr = m_csr_.data();
+  s.vals_csc = m_csc_.data();
+  s.A = a_in.data();
+  s.B = b_in.data();
+  s.A_out = a_out.data();
+  s.B_out = b_out.data();
+  for (size_t l = 0; l < K.size(); ++l) s.K[l] = K[l].data();
+  s.alpha = alpha_;
+  s.lr_inner = lr_;
+  s.lr_outer = gamma_ * lr_;
+  s.loss = loss_out_.data();
+  s.work = work_.data();
+  DEEPLORA_DISPATCH(dev_, lowrank_step, s, stream_for(dev_));
+}
+
+void Compressed::step() {
+  if (fused_) {
+    fused_step(A, B, A2_, B2_);
+    A.copy_from(A2_);
+    B.copy_from(B2_);
+    return;
+  }
+  Tensor pred = ops::sampled_dot(ops::matmul(A, kprod()), B, omega_);
+  backward(ops::sq_error(pred, m_csr_, alpha_));
+  std::vector<Tensor> params{A, B};
+  std::vector<double> lrs{gamma_ * lr_, gamma_ * lr_};
+  for (const Tensor& k : K) {
+    params.push_back(k);
+    lrs.push_back(lr_);
+  }
+  sgd_step(params, lrs);
+}
+
+void Compressed::step_block() {
+  if (!fused_) return step();
+  fused_step(A, B, A2_, B2_);
+  fused_step(A2_, B2_, A, B);
+}
+
+void Compressed::evaluate_async() {
+  NoGrad ng;
+  Tensor P = ops::matmul(A, kprod());
+  train_out_.copy_from(ops::sq_error(ops::sampled_dot(P, B, omega_), m_csr_, alpha_));
+  if (eval_sampled_) {
+    rec_out_.copy_from(ops::sq_error(ops::sampled_dot(P, B, sample_), m_sample_, 1.0 / double(sample_.nnz)));
+  } else {
+    DEEPLORA_DISPATCH(dev_, lowrank_unobserved_sq_sum, dt_, omega_.row_ptr.data_as<int32_t>(),
+                      omega_.col_idx.data_as<int32_t>(), d_, d_, P.data(), B.data(), k_, U_.data(), V_.data(),
+                      U_.dim(1), rec_out_.data(), stream_for(dev_));
+  }
+}
+
+Metrics Compressed::read_metrics() const {
+  Metrics m;
+  m.train_loss = train_out_.item();
+  m.recovery = eval_sampled_ ? rec_out_.item() : (n_unobs_ > 0 ? 0.5 * rec_out_.item() / n_unobs_ : 0.0);
+  m.recovery_estimated = eval_sampled_;
+  return m;
+}
+
+Tensor Compressed::dense_W() const {
+  NoGrad ng;
+  return ops::matmul(ops::matmul(A, kprod()), B, false, true).detach();
+}
+
+int64_t Compressed::n_params() const { return A.numel() + B.numel() + int64_t(K.size()) * k_ * k_; }
+
+std::string Compressed::describe() const {
+  return fmt::format("compressed (k = {}, init {}{}, step {}, recovery {})", k_, used_exact_init ? "exact" : "implicit",
+                     n_completed ? fmt::format(", {} basis columns completed at random", n_completed) : "",
+                     fused_ ? "fused kernel" : "op by op on the tape",
+                     eval_sampled_ ? fmt::format("estimated on {} unobserved entries", sample_.nnz) : "exact");
+}
+
+}  // namespace deeplora::deep_mc

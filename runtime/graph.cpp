@@ -1,0 +1,118 @@
+// StepGraph: warm-up, capture into a CUDA graph inside an allocator private pool, replay.
+#include "runtime/graph.h"
+
+#include <fmt/format.h>
+
+#include <stdexcept>
+
+#include "runtime/device.h"
+#include "runtime/tape.h"
+#ifdef DEEPLORA_HAVE_CUDA
+#include "runtime/cuda_check.h"
+#endif
+
+namespace deeplora {
+namespace {
+
+thread_local int g_capturing = 0;
+
+constexpr const char* kHint =
+    "Inside a captured step nothing may synchronize with the host (Tensor::item / to_double, a device-to-host "
+    "copy, cudaStreamSynchronize) or use another stream; run the step eagerly (--graph off) to find the culprit";
+
+}  // namespace
+
+struct StepGraph::Impl {
+#ifdef DEEPLORA_HAVE_CUDA
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+#endif
+  int pools_begun = 0;  // private pools this graph holds open (ended in the destructor)
+};
+
+bool StepGraph::capturing() { return g_capturing > 0; }
+
+void check_not_capturing(const char* what) {
+  if (StepGraph::capturing())
+    throw std::runtime_error(fmt::format("{}: not allowed while a CUDA graph is being captured (it synchronizes "
+                                         "with the host or allocates); move it out of the captured step",
+                                         what));
+}
+
+StepGraph::StepGraph(std::function<void()> fn, Device dev, Options opt)
+    : fn_(std::move(fn)), dev_(dev), opt_(std::move(opt)), impl_(std::make_unique<Impl>()) {
+  if (!fn_) throw std::invalid_argument(fmt::format("StepGraph '{}': empty step function", opt_.name));
+  if (opt_.warmup < 0) throw std::invalid_argument(fmt::format("StepGraph '{}': warmup must be >= 0", opt_.name));
+}
+
+StepGraph::~StepGraph() {
+#ifdef DEEPLORA_HAVE_CUDA
+  if (impl_->exec) cudaGraphExecDestroy(impl_->exec);
+  if (impl_->graph) cudaGraphDestroy(impl_->graph);
+  for (int i = 0; i < impl_->pools_begun; ++i) cuda_ctx().allocator.end_private_pool();
+#endif
+}
+
+bool StepGraph::captured() const {
+#ifdef DEEPLORA_HAVE_CUDA
+  return impl_->exec != nullptr;
+#else
+  return false;
+#endif
+}
+
+void StepGraph::run() {
+  ++calls_;
+#ifdef DEEPLORA_HAVE_CUDA
+  if (dev_ != Device::cuda || !opt_.enabled) {
+    fn_();
+    return;
+  }
+  DeviceContext& ctx = cuda_ctx();
+  if (impl_->exec) {
+    CUDA_CHECK(cudaGraphLaunch(impl_->exec, ctx.stream));
+    ++replays_;
+    return;
+  }
+  if (calls_ <= opt_.warmup) {
+    fn_();
+    if (calls_ == opt_.warmup) cuda_sync();  // surface asynchronous errors of the eager steps first
+    return;
+  }
+  // Capture, then launch once (this call's step).
+  ctx.allocator.begin_private_pool();
+  ++impl_->pools_begun;
+  CUDA_CHECK(cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeRelaxed));
+  ++g_capturing;
+  try {
+    fn_();
+  } catch (const std::exception& e) {
+    --g_capturing;
+    cudaGraph_t g = nullptr;
+    cudaStreamEndCapture(ctx.stream, &g);
+    if (g) cudaGraphDestroy(g);
+    cudaGetLastError();
+    tape().clear();
+    throw std::runtime_error(
+        fmt::format("StepGraph '{}': the step failed while being captured into a CUDA graph: {}. {}", opt_.name,
+                    e.what(), kHint));
+  }
+  --g_capturing;
+  cudaGraph_t g = nullptr;
+  cudaError_t err = cudaStreamEndCapture(ctx.stream, &g);
+  if (err != cudaSuccess || g == nullptr) {
+    if (g) cudaGraphDestroy(g);
+    cudaGetLastError();
+    throw std::runtime_error(fmt::format("StepGraph '{}': the capture was invalidated ({}). {}", opt_.name,
+                                         cudaGetErrorString(err), kHint));
+  }
+  impl_->graph = g;
+  CUDA_CHECK(cudaGraphInstantiate(&impl_->exec, g, 0));
+  CUDA_CHECK(cudaGraphLaunch(impl_->exec, ctx.stream));
+  ++replays_;
+#else
+  fn_();
+#endif
+}
+
+}  // namespace deeplora
