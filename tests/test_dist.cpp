@@ -250,6 +250,14 @@ TEST_CASE("dist: mpirun -np 2 x batch b trains like 1 process x batch 2b (CPU, f
   CHECK(max_rel_diff(b_acc, a_acc, "losses") <= 1e-5);
   MESSAGE("grad-accum 2: losses within " << max_rel_diff(b_acc, a_acc, "losses"));
 
+  // With a compressed Deep LoRA adapter: the initialization gradient is averaged over the ranks before
+  // the SVD, so both ranks build the same A, B, and only the adapter's small buffer is reduced.
+  auto a_dl = result_of(single("--batch 4 --adapter deeplora --rank 8 --lr 1e-2", "one_dl"));
+  auto b_dl = result_of(ranks2("--batch 2 --adapter deeplora --rank 8 --lr 1e-2", "two_dl"));
+  REQUIRE(a_dl.at("losses").size() == 20);
+  CHECK(max_rel_diff(b_dl, a_dl, "losses") <= 1e-5);
+  MESSAGE("deeplora adapter, 2 ranks x 2 vs 1 x 4: losses within " << max_rel_diff(b_dl, a_dl, "losses"));
+
   // Rank 0 writes the checkpoint; both ranks resume from it and continue the same run.
   result_of(ranks2("--batch 2 --ckpt-every 10 --stop-after 10", "resume"));
   CHECK(fs::exists(d / "resume" / "metrics.jsonl"));

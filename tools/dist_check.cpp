@@ -52,6 +52,8 @@ int main(int argc, char** argv) {
   app.add_option("--device", o.device, "auto, cpu or cuda")->capture_default_str();
   app.add_option("--bucket-mb", o.bucket_mb, "gradient all-reduce bucket size (MiB)")->capture_default_str();
   app.add_option("--out", o.out_dir, "output directory")->capture_default_str();
+  app.add_option("--adapter", o.adapter.kind, "lora | deeplora | none")->capture_default_str();
+  app.add_option("--rank", o.adapter.rank, "adapter rank / width")->capture_default_str();
   app.add_option("--fail-rank", fail_rank, "this rank throws at --fail-step (tests the abort path)");
   app.add_option("--fail-step", fail_step, "step (0-based) at which --fail-rank throws");
   app.add_flag("--fail-kill", fail_kill, "--fail-rank dies of SIGKILL instead of throwing");
