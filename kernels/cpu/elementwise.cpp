@@ -1,6 +1,7 @@
 // CPU reference twins of kernels/elementwise.h: plain loops, every value computed in double and
 // rounded once into the element type, reductions accumulated in double.
 #include "kernels/elementwise.h"
+#include "kernels/cpu/cpu_common.h"
 
 #include <fmt/format.h>
 
@@ -15,62 +16,6 @@
 namespace deeplora::kernels::cpu {
 namespace {
 
-template <class T> struct Tag { using type = T; };
-
-inline double ld(float v) { return v; }
-inline double ld(double v) { return v; }
-inline double ld(bf16 v) { return double(float(v)); }
-inline double ld(int32_t v) { return v; }
-
-// Correctly rounded double -> bf16, as __double2bfloat16 / cvt.rn.bf16.f64 on the GPU: round to
-// odd into float first, so the second rounding (float -> bf16, nearest even) cannot double-round.
-inline bf16 bf16_from_double(double x) {
-  float f = float(x);
-  if (double(f) != x && !std::isnan(x)) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((x > 0 && double(f) > x) || (x < 0 && double(f) < x)) u--;  // float neighbour toward zero
-    u |= 1u;
-    std::memcpy(&f, &u, 4);
-  }
-  return bf16(f);
-}
-
-template <class T> T st(double v);
-template <> float st<float>(double v) { return float(v); }
-template <> double st<double>(double v) { return v; }
-template <> bf16 st<bf16>(double v) { return bf16_from_double(v); }
-// Truncation toward zero, saturating at the int32 range, NaN -> 0 (what cvt.rzi.s32 does on GPU).
-template <> int32_t st<int32_t>(double v) {
-  if (std::isnan(v)) return 0;
-  if (v >= 2147483647.0) return std::numeric_limits<int32_t>::max();
-  if (v <= -2147483648.0) return std::numeric_limits<int32_t>::min();
-  return int32_t(v);
-}
-
-[[noreturn]] void bad_dtype(const char* op, DType dt, const char* allowed) {
-  throw std::invalid_argument(
-      fmt::format("kernels::cpu::{}: dtype {} is not supported ({})", op, dtype_name(dt), allowed));
-}
-
-template <class F> void float_dispatch(DType dt, const char* op, F&& f) {
-  switch (dt) {
-    case DType::f32: f(Tag<float>{}); return;
-    case DType::bf16: f(Tag<bf16>{}); return;
-    case DType::f64: f(Tag<double>{}); return;
-    default: bad_dtype(op, dt, "f32, bf16 or f64");
-  }
-}
-
-template <class F> void any_dispatch(DType dt, const char* op, F&& f) {
-  switch (dt) {
-    case DType::f32: f(Tag<float>{}); return;
-    case DType::bf16: f(Tag<bf16>{}); return;
-    case DType::f64: f(Tag<double>{}); return;
-    case DType::i32: f(Tag<int32_t>{}); return;
-  }
-  bad_dtype(op, dt, "f32, bf16, f64 or i32");
-}
 
 constexpr double kSqrt2OverPi = 0.79788456080286535587989211986876;
 constexpr double kGeluC = 0.044715;

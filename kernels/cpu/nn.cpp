@@ -1,6 +1,7 @@
 // CPU reference twins of kernels/nn.h (embedding, layernorm, softmax cross-entropy): plain loops,
 // statistics and every reduction in double, each output rounded once into its dtype.
 #include "kernels/nn.h"
+#include "kernels/cpu/cpu_common.h"
 
 #include <fmt/format.h>
 
@@ -13,46 +14,6 @@
 #include <vector>
 
 namespace deeplora::kernels::cpu {
-namespace {
-
-template <class T> struct Tag { using type = T; };
-// Statistics type (see stat_dtype): f64 for f64 tensors, f32 otherwise.
-template <class T> using Stat = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-inline double ld(float v) { return v; }
-inline double ld(double v) { return v; }
-inline double ld(bf16 v) { return double(float(v)); }
-
-// Correctly rounded double -> bf16 (round to odd into float, then nearest even), as on the GPU.
-inline bf16 bf16_from_double(double x) {
-  float f = float(x);
-  if (double(f) != x && !std::isnan(x)) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((x > 0 && double(f) > x) || (x < 0 && double(f) < x)) u--;
-    u |= 1u;
-    std::memcpy(&f, &u, 4);
-  }
-  return bf16(f);
-}
-
-template <class T> T st(double v);
-template <> float st<float>(double v) { return float(v); }
-template <> double st<double>(double v) { return v; }
-template <> bf16 st<bf16>(double v) { return bf16_from_double(v); }
-
-template <class F> void float_dispatch(DType dt, const char* op, F&& f) {
-  switch (dt) {
-    case DType::f32: f(Tag<float>{}); return;
-    case DType::bf16: f(Tag<bf16>{}); return;
-    case DType::f64: f(Tag<double>{}); return;
-    default:
-      throw std::invalid_argument(fmt::format(
-          "kernels::cpu::{}: dtype {} is not supported (f32, bf16 or f64)", op, dtype_name(dt)));
-  }
-}
-
-}  // namespace
 
 void embedding_fwd(DType dt, const int32_t* tok, const void* wte, const void* wpe, void* y,
                    int64_t B, int64_t T, int64_t C, cudaStream_t) {
