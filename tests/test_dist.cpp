@@ -23,31 +23,12 @@
 #include "runtime/io/token_shards.h"
 #include "runtime/optim.h"
 #include "runtime/tape.h"
+#include "test_util.h"
 
 using namespace deeplora;
 namespace fs = std::filesystem;
 
 namespace {
-
-fs::path dist_temp_dir(const std::string& name) {
-  fs::path d = fs::temp_directory_path() / fmt::format("deeplora-dist-{}-{}", name, getpid());
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-// Random tokens from a small alphabet (below the tiny preset's vocab of 512), as an llm.c shard.
-std::string dist_shard(const fs::path& dir, int64_t n, uint64_t seed) {
-  std::vector<uint16_t> t(static_cast<size_t>(n));
-  uint64_t s = seed;
-  for (auto& x : t) {
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    x = uint16_t((s >> 33) % 64);
-  }
-  std::string p = (dir / "train.bin").string();
-  write_token_shard(p, std::span<const uint16_t>(t));
-  return p;
-}
 
 std::string find_in_path(const std::string& exe) {
   const char* path = std::getenv("PATH");
@@ -216,8 +197,8 @@ TEST_CASE("dist: mpirun -np 2 x batch b trains like 1 process x batch 2b (CPU, f
     MESSAGE("skipped: " << l.skip);
     return;
   }
-  fs::path d = dist_temp_dir("equal");
-  const std::string shard = dist_shard(d, 6000, 11);
+  fs::path d = test::fresh_dir("dist-equal");
+  const std::string shard = test::random_shard(d, 6000, 11);
   const std::string common = fmt::format("--data {} --steps 20 --eval-every 10 --eval-batches 4", shard);
   auto single = [&](const std::string& flags, const std::string& out) {
     Run r = run_command(fmt::format("{} {} {} --out {}", l.dist_check, common, flags, (d / out).string()));
@@ -280,8 +261,8 @@ TEST_CASE("dist: a rank that throws takes mpirun down within seconds, naming the
     MESSAGE("skipped: " << l.skip);
     return;
   }
-  fs::path d = dist_temp_dir("fail");
-  const std::string shard = dist_shard(d, 6000, 13);
+  fs::path d = test::fresh_dir("dist-fail");
+  const std::string shard = test::random_shard(d, 6000, 13);
   // Enough steps that rank 0 would still be training (blocked in the all-reduce) long after.
   Run r = run_command(fmt::format("{} --data {} --batch 2 --steps 100000 --fail-rank 1 --fail-step 3 --out {}",
                                   mpirun_line(l, 2), shard, (d / "run").string()));
@@ -316,8 +297,8 @@ TEST_CASE("dist: mpirun -np 2 on two GPUs (NCCL, bf16) trains like 1 GPU at the 
     MESSAGE("skipped: needs 2 GPUs (" << dist::cuda_device_count() << " visible)");
     return;
   }
-  fs::path d = dist_temp_dir("nccl");
-  const std::string shard = dist_shard(d, 200000, 17);
+  fs::path d = test::fresh_dir("dist-nccl");
+  const std::string shard = test::random_shard(d, 200000, 17);
   const std::string common = fmt::format(
       "--data {} --init small-cpu --seq-len 64 --steps 20 --eval-every 10 --device cuda --dtype bf16", shard);
   Run one = run_command(fmt::format("{} {} --batch 8 --out {}", l.dist_check, common, (d / "one").string()));

@@ -19,31 +19,12 @@
 #include "runtime/io/token_shards.h"
 #include "runtime/ops.h"
 #include "runtime/optim.h"
+#include "test_util.h"
 
 using namespace deeplora;
 namespace fs = std::filesystem;
 
 namespace {
-
-fs::path temp_dir(const std::string& name) {
-  fs::path d = fs::temp_directory_path() / fmt::format("deeplora-{}-{}", name, getpid());
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-// Random tokens below the tiny preset's vocab (512), as an llm.c shard.
-std::string make_shard(const fs::path& dir, int64_t n, uint64_t seed) {
-  std::vector<uint16_t> t(static_cast<size_t>(n));
-  uint64_t s = seed;
-  for (auto& x : t) {
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    x = uint16_t((s >> 33) % 64);  // a small alphabet so there is something to learn
-  }
-  std::string p = (dir / "train.bin").string();
-  write_token_shard(p, std::span<const uint16_t>(t));
-  return p;
-}
 
 TrainOptions tiny_opts(const fs::path& dir, const std::string& shard) {
   TrainOptions o;
@@ -77,7 +58,7 @@ std::string error_of(const std::function<void()>& f) {
 }  // namespace
 
 TEST_CASE("gpt: HF save/load round trip gives identical logits") {
-  fs::path d = temp_dir("hf-roundtrip");
+  fs::path d = test::fresh_dir("hf-roundtrip");
   Gpt a(GptConfig::preset("tiny"), DType::f32, Device::cpu, 3);
   Tensor tok = Tensor::from_ints({1, 5, 9, 200, 7, 3}, Shape{2, 3});
   std::vector<double> la;
@@ -96,7 +77,7 @@ TEST_CASE("gpt: HF save/load round trip gives identical logits") {
 }
 
 TEST_CASE("gpt: bad checkpoints give errors naming the file and the tensor") {
-  fs::path d = temp_dir("hf-bad");
+  fs::path d = test::fresh_dir("hf-bad");
   Gpt a(GptConfig::preset("tiny"), DType::f32, Device::cpu, 3);
   save_hf_gpt(a, (d / "m").string());
   auto sd = hf_state_dict(a);
@@ -133,8 +114,8 @@ TEST_CASE("gpt: bad checkpoints give errors naming the file and the tensor") {
 }
 
 TEST_CASE("trainer: the loss falls and --resume continues with the same losses") {
-  fs::path d = temp_dir("resume");
-  std::string shard = make_shard(d, 4000, 7);
+  fs::path d = test::fresh_dir("resume");
+  std::string shard = test::random_shard(d, 4000, 7);
   TrainOptions full = tiny_opts(d / "a", shard);
   auto r_full = train(full);
   REQUIRE(r_full.losses.size() == 8);
@@ -157,8 +138,8 @@ TEST_CASE("trainer: the loss falls and --resume continues with the same losses")
 }
 
 TEST_CASE("trainer: kill -9 during checkpoint writes leaves a loadable previous checkpoint") {
-  fs::path d = temp_dir("kill");
-  std::string shard = make_shard(d, 4000, 9);
+  fs::path d = test::fresh_dir("kill");
+  std::string shard = test::random_shard(d, 4000, 9);
   TrainOptions o = tiny_opts(d, shard);
   o.steps = 100000;
   o.ckpt_every = 1;  // the child spends most of its time writing checkpoints
@@ -261,7 +242,7 @@ TEST_CASE("gpt: a vocabulary padded to a multiple of 64 changes nothing but spee
   backward(loss);
   Tensor g = m.param("wte.weight").master.grad();
   for (double v : g.slice0(500, 512).to_double()) CHECK(v == 0.0);
-  fs::path d = temp_dir("padded");
+  fs::path d = test::fresh_dir("padded");
   save_hf_gpt(m, (d / "m").string());
   CHECK(read_safetensors_header((d / "m" / "model.safetensors").string()).find("transformer.wte.weight")->shape ==
         std::vector<int64_t>{500, 64});

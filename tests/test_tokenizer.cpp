@@ -15,29 +15,13 @@
 #include <vector>
 
 #include "models/tokenizer.h"
+#include "test_util.h"
 
 using namespace deeplora;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TokTempDir {
-  fs::path path;
-  TokTempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "deeplora_tok_XXXXXX").string();
-    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path = tmpl;
-  }
-  ~TokTempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string write(const std::string& name, const std::string& text) const {
-    std::string p = (path / name).string();
-    std::ofstream(p, std::ios::binary) << text;
-    return p;
-  }
-};
 
 // GPT-2's byte-to-unicode spelling of one byte, as UTF-8.
 std::string byte_token(int b) {
@@ -123,7 +107,7 @@ std::string gpt2_vocab_dir() {
 }  // namespace
 
 TEST_CASE("tokenizer: handmade vocab — merges by rank, pre-tokenization, specials, round trips") {
-  TokTempDir dir;
+  test::TempDir dir;
   MiniVocab mv;
   Tokenizer tok(dir.write("vocab.json", mv.vocab_json), dir.write("merges.txt", mv.merges_txt));
   CHECK(tok.vocab_size() == mv.eot + 1);
@@ -172,7 +156,7 @@ TEST_CASE("tokenizer: handmade vocab — merges by rank, pre-tokenization, speci
 }
 
 TEST_CASE("tokenizer: bad vocab or merges files name the file") {
-  TokTempDir dir;
+  test::TempDir dir;
   MiniVocab mv;
   const std::string vocab = dir.write("vocab.json", mv.vocab_json), merges = dir.write("merges.txt", mv.merges_txt);
   auto err = [&](const std::string& v, const std::string& m) { return error_of([&] { Tokenizer t(v, m); }); };
