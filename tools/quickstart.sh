@@ -10,6 +10,6 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     --lr 6e-4 --warmup 20 --eval-every 50 --ckpt-every 100 --dtype bf16 --device cuda --out out/quickstart "$@"
 else
   exec ./build/train --init small-cpu --data data/corpus/fortunes.txt --batch 4 --seq-len 64 --steps 40 \
-    --lr 2e-3 --warmup 4 --eval-every 20 --eval-batches 4 --ckpt-every 20 --dtype f32 --device cpu \
+    --lr 1e-3 --warmup 4 --eval-every 20 --eval-batches 4 --ckpt-every 20 --dtype f32 --device cpu \
     --top-k 20 --out out/quickstart "$@"
 fi
