@@ -15,6 +15,7 @@
 #include "models/gpt.h"
 #include "models/gpt_io.h"
 #include "models/trainer.h"
+#include "runtime/device.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/io/token_shards.h"
 #include "runtime/ops.h"
@@ -251,4 +252,41 @@ TEST_CASE("gpt: a vocabulary padded to a multiple of 64 changes nothing but spee
   auto a = back->forward(tok).to_double(), b = m.forward(tok).to_double();
   REQUIRE(a.size() == b.size());
   for (size_t i = 0; i < a.size(); ++i) CHECK(a[i] == doctest::Approx(b[i]).epsilon(1e-5));  // saved as f32
+}
+
+TEST_CASE("gpt: bf16 compute stays within 2e-2 of transformers' f32 on the fixture (CPU, and CUDA when present)") {
+  fs::path fx = fs::path(DEEPLORA_TEST_DATA) / "hf_tiny";
+  if (!fs::exists(fx / "expected.safetensors")) {
+    MESSAGE("skipped: no fixture at " << fx.string());
+    return;
+  }
+  SafetensorsFile ex = load_safetensors((fx / "expected.safetensors").string());
+  auto rel = [](const std::vector<double>& a, const std::vector<double>& b) {
+    double n = 0, d = 0;
+    for (size_t i = 0; i < a.size(); ++i) n += (a[i] - b[i]) * (a[i] - b[i]), d += b[i] * b[i];
+    return std::sqrt(n / std::max(d, 1e-300));
+  };
+  std::vector<std::pair<DType, Device>> runs = {{DType::bf16, Device::cpu}};
+  if (cuda_available()) runs.insert(runs.end(), {{DType::f32, Device::cuda}, {DType::bf16, Device::cuda}});
+  for (auto [dt, dev] : runs) {
+    const std::string what = std::string(dtype_name(dt)) + " on " + device_name(dev);
+    CAPTURE(what);
+    const double tol = dt == DType::bf16 ? 2e-2 : 1e-4;
+    auto model = load_hf_gpt(fx.string(), dt, dev);
+    Tensor tok = ex.at("input_ids").to(DType::i32).to(dev), tgt = ex.at("labels").to(DType::i32).to(dev);
+    Tensor logits = model->forward(tok);
+    const double le = rel(logits.to_double(), ex.at("logits").to_double());
+    CHECK(le <= tol);
+    Tensor loss = ops::cross_entropy(logits, tgt);
+    CHECK(loss.item() == doctest::Approx(ex.at("loss").item()).epsilon(tol));
+    backward(loss);
+    double worst = 0;
+    for (auto& [name, p] : model->named_params()) {
+      const double e = rel(p->master.grad().to_double(), ex.at("grad." + name).to_double());
+      worst = std::max(worst, e);
+    }
+    CHECK(worst <= (dt == DType::bf16 ? 2e-2 : 1e-3));
+    MESSAGE(fmt::format("vs transformers f32, deeplora {} on {}: logits {:.2e}, worst gradient {:.2e}", dtype_name(dt),
+                        device_name(dev), le, worst));
+  }
 }
