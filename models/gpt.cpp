@@ -276,7 +276,7 @@ Tensor Gpt::forward_padded(const Tensor& tokens) {
         fmt::format("sequence length {} exceeds n_positions {}", tokens.dim(1), cfg_.n_positions));
   const double eps = cfg_.layer_norm_epsilon;
   Tensor wte = work(wte_);  // used twice (embedding and tied lm_head): one cast per step
-  Tensor x = ops::embedding(tokens, wte, work(wpe_));
+  Tensor x = ops::embedding(tokens, wte, work(wpe_), cfg_.vocab_size);
   for (auto& b : blocks_) {
     Tensor h = ops::layernorm(x, work(b.ln1_w), work(b.ln1_b), eps);
     Tensor a = ops::attention(apply_linear(b.c_attn, h), cfg_.n_head);

@@ -345,7 +345,7 @@ static void check_ids(const char* op, const Tensor& ids, int64_t V, int64_t igno
   }
 }
 
-Tensor embedding(const Tensor& tokens, const Tensor& wte, const Tensor& wpe) {
+Tensor embedding(const Tensor& tokens, const Tensor& wte, const Tensor& wpe, int64_t n_valid) {
   defined("embedding", {&tokens, &wte});
   same_device("embedding", {&tokens, &wte, &wpe});
   same_float_dtype("embedding", {&wte, &wpe});
@@ -355,7 +355,8 @@ Tensor embedding(const Tensor& tokens, const Tensor& wte, const Tensor& wpe) {
   const int64_t B = tokens.dim(0), T = tokens.dim(1), V = wte.dim(0), C = wte.dim(1);
   check(!wpe.defined() || (wpe.ndim() == 2 && wpe.dim(1) == C && wpe.dim(0) >= T), "embedding",
         fmt::format("wpe {} must be [>= {}, {}] for tokens {}", wpe.desc(), T, C, tokens.desc()));
-  check_ids("embedding", tokens, V, std::numeric_limits<int64_t>::min());
+  check(n_valid <= V, "embedding", fmt::format("n_valid {} exceeds the rows of {}", n_valid, wte.desc()));
+  check_ids("embedding", tokens, n_valid > 0 ? n_valid : V, std::numeric_limits<int64_t>::min());
   Device d = wte.device();
   Tensor y = Tensor::empty(Shape{B, T, C}, wte.dtype(), d);
   DL_K(d, embedding_fwd, wte.dtype(), tokens.data_as<int32_t>(), wte.data(), wpe.defined() ? wpe.data() : nullptr,

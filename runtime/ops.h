@@ -25,8 +25,9 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta = false, bool tb = false
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b = Tensor());
 // Over the last dim; w, b: [C].
 Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, double eps = 1e-5);
-// tokens [B, T] i32 -> wte[tokens] + wpe[0..T) : [B, T, C]. wpe may be undefined.
-Tensor embedding(const Tensor& tokens, const Tensor& wte, const Tensor& wpe = Tensor());
+// tokens [B, T] i32 -> wte[tokens] + wpe[0..T) : [B, T, C]. wpe may be undefined. Token ids must be
+// below n_valid (0: wte's row count; a padded vocabulary passes its real size).
+Tensor embedding(const Tensor& tokens, const Tensor& wte, const Tensor& wpe = Tensor(), int64_t n_valid = 0);
 // Causal multi-head self-attention: qkv [B, T, 3C] -> [B, T, C].
 Tensor attention(const Tensor& qkv, int64_t n_head);
 // Mean softmax cross-entropy over the rows whose target != ignore_index. logits [..., Vp],

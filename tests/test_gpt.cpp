@@ -243,6 +243,14 @@ TEST_CASE("gpt: a vocabulary padded to a multiple of 64 changes nothing but spee
   backward(loss);
   Tensor g = m.param("wte.weight").master.grad();
   for (double v : g.slice0(500, 512).to_double()) CHECK(v == 0.0);
+  // Ids in the padding rows are not tokens: rejected, not silently embedded as zeros.
+  bool threw = false;
+  try {
+    m.forward(Tensor::from_ints({1, 505}, Shape{1, 2}));
+  } catch (const std::invalid_argument& e) {
+    threw = std::string(e.what()).find("out of range [0, 500)") != std::string::npos;
+  }
+  CHECK(threw);
   fs::path d = test::fresh_dir("padded");
   save_hf_gpt(m, (d / "m").string());
   CHECK(read_safetensors_header((d / "m" / "model.safetensors").string()).find("transformer.wte.weight")->shape ==
