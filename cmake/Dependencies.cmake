@@ -3,7 +3,8 @@
 find_package(fmt REQUIRED)
 find_package(doctest REQUIRED)
 find_package(nlohmann_json REQUIRED)
-find_package(CLI11 REQUIRED)  # command-line flags of the tools
+find_package(CLI11 REQUIRED)
+find_package(Threads REQUIRED)  # the CPU GEMM splits large products over cores  # command-line flags of the tools
 find_package(PCRE2 REQUIRED)
 
 set(DEEPLORA_HAVE_CUDA OFF)

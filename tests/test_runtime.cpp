@@ -167,3 +167,20 @@ TEST_CASE("caching allocator: no cudaMalloc after warm-up") {
   CHECK(after.peak >= after.in_use);
   CHECK(after.cached > 0);
 }
+
+TEST_CASE("CPU GEMM split over threads equals the plain sum (bit for bit)") {
+  const int64_t M = 300, N = 200, K = 90;  // large enough to be split over the cores
+  for (int ta = 0; ta < 2; ++ta) {
+    Tensor a = Tensor::randn(ta ? Shape{K, M} : Shape{M, K}, 3, DType::f64);
+    Tensor b = Tensor::randn(Shape{K, N}, 4, DType::f64);
+    std::vector<double> y = ops::matmul(a, b, ta, false).to_double(), av = a.to_double(), bv = b.to_double();
+    bool same = true;
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        double s = 0;
+        for (int64_t k = 0; k < K; ++k) s += (ta ? av[k * M + i] : av[i * K + k]) * bv[k * N + j];
+        same &= s == y[i * N + j];
+      }
+    CHECK(same);
+  }
+}

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
+#include <thread>
 #include <vector>
 
 namespace deeplora::kernels::cpu {
@@ -84,7 +85,25 @@ void check_attention(const char* op, int64_t B, int64_t T, int64_t C, int64_t H)
 void gemm(const Gemm& g, cudaStream_t) {
   check_gemm(g);
   if (g.M == 0 || g.N == 0 || g.batch == 0) return;
-  float_dispatch(g.dt, "gemm", [&](auto tag) { gemm_typed<typename decltype(tag)::type>(g); });
+  // Rows of C are independent: large products are split into row ranges, one thread each. Every
+  // element is still summed by one thread in the same order, so results do not depend on threads.
+  const int64_t work = g.batch * g.M * g.N * std::max<int64_t>(g.K, 1);
+  const int64_t nt = std::min<int64_t>({int64_t(std::max(1u, std::thread::hardware_concurrency())), g.M,
+                                        work >= (int64_t(1) << 22) ? 64 : 1});
+  float_dispatch(g.dt, "gemm", [&](auto tag) {
+    using E = typename decltype(tag)::type;
+    if (nt <= 1) return gemm_typed<E>(g);
+    std::vector<std::thread> pool;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t i0 = g.M * t / nt, i1 = g.M * (t + 1) / nt;
+      Gemm part = g;
+      part.M = i1 - i0;
+      part.A = static_cast<const E*>(g.A) + (g.ta ? i0 : i0 * g.lda);  // op(A) rows i0..: columns of A when ta
+      part.C = static_cast<E*>(g.C) + i0 * g.ldc;
+      pool.emplace_back([part] { gemm_typed<E>(part); });
+    }
+    for (auto& th : pool) th.join();
+  });
 }
 
 // Per (b, h, t): scores s_j = scale q_t.k_j for j <= t; lse = logsumexp(s);
