@@ -75,16 +75,22 @@ std::vector<int32_t> load_token_stream(const std::vector<std::string>& paths, co
   return out;
 }
 
-DataLoader DataLoader::from_tokens(std::vector<int32_t> tokens, int64_t B, int64_t T, uint64_t seed, int rank,
-                                   int world, std::string what) {
+DataLoader DataLoader::make(int64_t B, int64_t T, uint64_t seed, int rank, int world, const std::string& what) {
+  if (B <= 0 || T <= 0)
+    throw std::invalid_argument(fmt::format("{}: batch {} and sequence length {} must be positive", what, B, T));
   DataLoader d;
   d.B_ = B;
   d.T_ = T;
   d.seed_ = seed;
   d.rank_ = rank;
   d.world_ = world;
+  return d;
+}
+
+DataLoader DataLoader::from_tokens(std::vector<int32_t> tokens, int64_t B, int64_t T, uint64_t seed, int rank,
+                                   int world, std::string what) {
+  DataLoader d = make(B, T, seed, rank, world, what);
   d.tokens_ = std::move(tokens);
-  if (B <= 0 || T <= 0) throw std::invalid_argument(fmt::format("{}: batch {} and sequence length {} must be positive", what, B, T));
   if (d.batches_per_epoch() < 1)
     throw std::runtime_error(fmt::format(
         "{}: {} tokens make {} windows of {}+1 tokens, fewer than one global batch of {} x {} ranks; use a smaller "
@@ -96,16 +102,10 @@ DataLoader DataLoader::from_tokens(std::vector<int32_t> tokens, int64_t B, int64
 
 DataLoader DataLoader::from_examples(std::vector<Example> examples, int64_t B, int64_t T, int32_t pad_id, uint64_t seed,
                                      int rank, int world, std::string what) {
-  DataLoader d;
-  d.B_ = B;
-  d.T_ = T;
-  d.seed_ = seed;
-  d.rank_ = rank;
-  d.world_ = world;
+  DataLoader d = make(B, T, seed, rank, world, what);
   d.examples_ = std::move(examples);
   d.is_examples_ = true;
   d.pad_ = pad_id;
-  if (B <= 0 || T <= 0) throw std::invalid_argument(fmt::format("{}: batch {} and sequence length {} must be positive", what, B, T));
   if (d.batches_per_epoch() < 1)
     throw std::runtime_error(fmt::format("{}: {} examples, fewer than one global batch of {} x {} ranks", what,
                                          d.examples_.size(), B, world));

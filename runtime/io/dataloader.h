@@ -47,6 +47,7 @@ class DataLoader {
   int64_t T() const { return T_; }
 
  private:
+  static DataLoader make(int64_t B, int64_t T, uint64_t seed, int rank, int world, const std::string& what);
   void shuffle();
   int64_t B_ = 0, T_ = 0;
   uint64_t seed_ = 0;
