@@ -446,29 +446,7 @@ Tensor Compressed::kprod() const {
 }
 
 void Compressed::fused_step(const Tensor& a_in, const Tensor& b_in, const Tensor& a_out, const Tensor& b_out) {
-  kernels::LowrankStep s;
-  s.dt = dt_;
-  s.rows = d_;
-  s.cols = d_;
-  s.k = k_;
-  s.L = int64_t(K.size());
-  s.row_ptr = omega_.row_ptr.data_as<int32_t>();
-  s.col_idx = omega_.col_idx.data_as<int32_t>();
-  s.col_ptr = omega_.col_ptr.data_as<int32_t>();
-  s.csc_row = omega_.csc_row.data_as<int32_t>();
-  s.vals_csr = m_csr_.data();
-  s.vals_csc = m_csc_.data();
-  s.A = a_in.data();
-  s.B = b_in.data();
-  s.A_out = a_out.data();
-  s.B_out = b_out.data();
-  for (size_t l = 0; l < K.size(); ++l) s.K[l] = K[l].data();
-  s.alpha = alpha_;
-  s.lr_inner = lr_;
-  s.lr_outer = gamma_ * lr_;
-  s.loss = loss_out_.data();
-  s.work = work_.data();
-  DEEPLORA_DISPATCH(dev_, lowrank_step, s, stream_for(dev_));
+  lowrank_step(omega_, m_csr_, m_csc_, a_in, b_in, a_out, b_out, K, alpha_, lr_, gamma_ * lr_, loss_out_, work_);
 }
 
 void Compressed::step() {

@@ -251,4 +251,35 @@ void sgd_step(const std::vector<Tensor>& params, const std::vector<double>& lrs)
   DL_SK(d, sgd_multi, dt, items.data(), int(items.size()), true, stream_for(d));
 }
 
+void lowrank_step(const SparsePattern& pat, const Tensor& vals_csr, const Tensor& vals_csc, const Tensor& A,
+                  const Tensor& B, const Tensor& A_out, const Tensor& B_out, const std::vector<Tensor>& K,
+                  double alpha, double lr_inner, double lr_outer, const Tensor& loss, const Tensor& work) {
+  check(!K.empty() && int64_t(K.size()) <= kernels::kLowrankMaxL, "lowrank_step",
+        fmt::format("{} inner factors (1 to {})", K.size(), kernels::kLowrankMaxL));
+  kernels::LowrankStep s;
+  s.dt = A.dtype();
+  s.rows = pat.rows;
+  s.cols = pat.cols;
+  s.k = A.dim(1);
+  s.L = int64_t(K.size());
+  s.row_ptr = pat.row_ptr.data_as<int32_t>();
+  s.col_idx = pat.col_idx.data_as<int32_t>();
+  s.col_ptr = pat.col_ptr.data_as<int32_t>();
+  s.csc_row = pat.csc_row.data_as<int32_t>();
+  s.vals_csr = vals_csr.data();
+  s.vals_csc = vals_csc.data();
+  s.A = A.data();
+  s.B = B.data();
+  s.A_out = A_out.data();
+  s.B_out = B_out.data();
+  for (size_t l = 0; l < K.size(); ++l) s.K[l] = K[l].data();
+  s.alpha = alpha;
+  s.lr_inner = lr_inner;
+  s.lr_outer = lr_outer;
+  s.loss = loss.data();
+  s.work = work.data();
+  const Device dev = A.device();
+  DEEPLORA_DISPATCH(dev, lowrank_step, s, stream_for(dev));
+}
+
 }  // namespace deeplora

@@ -63,4 +63,12 @@ Tensor sq_error(const Tensor& x, const Tensor& target, double alpha, const Tenso
 // the tensor if one has no gradient or the lists differ in length.
 void sgd_step(const std::vector<Tensor>& params, const std::vector<double>& lrs);
 
+// One fused compressed-factorization GD step (kernels::lowrank_step, not on the tape) over `pat`:
+// reads A [rows, k], B [cols, k], writes A_out, B_out, updates every K_l [k, k] in place and writes
+// the loss (one element). vals_csr / vals_csc: the targets at the pattern in CSR / CSC order; work:
+// lowrank_step_workspace_bytes() of device memory whose first 4 bytes are zero.
+void lowrank_step(const SparsePattern& pat, const Tensor& vals_csr, const Tensor& vals_csc, const Tensor& A,
+                  const Tensor& B, const Tensor& A_out, const Tensor& B_out, const std::vector<Tensor>& K,
+                  double alpha, double lr_inner, double lr_outer, const Tensor& loss, const Tensor& work);
+
 }  // namespace deeplora
