@@ -21,11 +21,13 @@
 #include "runtime/ops.h"
 #include "runtime/optim.h"
 #include "runtime/tape.h"
+#include "test_util.h"
 
 using namespace deeplora;
 namespace fs = std::filesystem;
 
 namespace {
+using test::error_of;
 
 GptConfig tiny() { return GptConfig::preset("tiny"); }
 
@@ -105,15 +107,6 @@ double outside_span(const Tensor& S, const Tensor& X) {
   HMat p = mul(Q, mul(Q, x, true, false));
   for (size_t i = 0; i < p.v.size(); ++i) p.v[i] = x.v[i] - p.v[i];
   return fro(p);
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
 }
 
 std::vector<double> logits_of(Gpt& m, const TokBatch& b) {

@@ -26,6 +26,7 @@ using namespace deeplora;
 namespace fs = std::filesystem;
 
 namespace {
+using test::error_of;
 
 TrainOptions tiny_opts(const fs::path& dir, const std::string& shard) {
   TrainOptions o;
@@ -45,15 +46,6 @@ TrainOptions tiny_opts(const fs::path& dir, const std::string& shard) {
   o.quiet = true;
   o.save_final = false;
   return o;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
 }
 
 }  // namespace

@@ -45,17 +45,8 @@ std::string st_file(const std::string& header, const std::string& data) {
   return s + header + data;
 }
 
-// The message of the std::runtime_error that f throws; "<no error>" if it returns.
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+using test::contains;
+std::string error_of(const std::function<void()>& f) { return test::runtime_error_of(f); }
 
 Tensor make_tensor(const Shape& s, DType dt, uint64_t seed) {
   Tensor t = Tensor::empty(s, dt, Device::cpu);

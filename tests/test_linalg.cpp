@@ -13,6 +13,7 @@
 
 #include "runtime/device.h"
 #include "runtime/linalg.h"
+#include "test_util.h"
 
 using namespace deeplora;
 
@@ -160,7 +161,7 @@ std::string error_of(const std::function<void()>& f) {
   return "";
 }
 
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+using test::contains;
 
 // Checks one svd_topk result against a known construction with distinct singular values.
 void check_known_svd(const linalg::Svd& r, const Known& kn, int64_t k, double tol_s, double tol_orth, double tol_sub) {

@@ -14,19 +14,12 @@
 #include "runtime/device.h"
 #include "runtime/ops.h"
 #include "runtime/optim.h"
+#include "test_util.h"
 
 using namespace deeplora;
 
 namespace {
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 // Values are drawn on the CPU (and copied), so a CPU and a CUDA run start from the same bits.
 Tensor make_param(const std::string& name, const Shape& s, DType dt, uint64_t seed, Device dev = Device::cpu) {

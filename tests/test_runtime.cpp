@@ -9,17 +9,11 @@
 
 #include "runtime/device.h"
 #include "runtime/ops.h"
+#include "test_util.h"
 
 using namespace deeplora;
 
-static std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 TEST_CASE("tensor: creation, casts, views") {
   Tensor t = Tensor::from_vector({1, 2, 3, 4, 5, 6}, Shape{2, 3}, DType::f32);

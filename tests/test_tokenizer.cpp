@@ -78,16 +78,8 @@ struct MiniVocab {
   int id(const std::string& t) const { return ids.at(t); }
 };
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+using test::contains;
+std::string error_of(const std::function<void()>& f) { return test::runtime_error_of(f); }
 
 std::vector<int32_t> bytes_of(const std::string& s) {
   std::vector<int32_t> v;

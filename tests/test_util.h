@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <exception>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <span>
 #include <stdexcept>
@@ -15,6 +17,29 @@
 #include "runtime/io/token_shards.h"
 
 namespace deeplora::test {
+
+// The message of the exception f throws (any std::exception), "" if it returns.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// The message of the std::runtime_error f throws, "<no error>" if it returns; any other exception
+// propagates (for checks that the error is of that type).
+inline std::string runtime_error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+inline bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 // A fresh directory under the system temp dir, removed when the object goes away.
 struct TempDir {
