@@ -67,7 +67,7 @@ std::vector<int32_t> load_token_stream(const std::vector<std::string>& paths, co
     } else {
       if (!tok) throw std::runtime_error(fmt::format("{}: text data needs a tokenizer (--vocab-dir)", p));
       std::string text = sanitize_utf8(read_text(p));
-      // Blank-line-separated paragraphs become documents separated by <|endoftext|>.
+      // Each text file is one document, followed by <|endoftext|>.
       tok->encode_append(text, out);
       if (tok->eot_id() >= 0) out.push_back(tok->eot_id());
     }

@@ -25,7 +25,8 @@ struct Example {
 // Reads prompt/completion JSONL ({"prompt": ..., "completion": ...} per line). Throws naming the file
 // and line on bad JSON or missing fields.
 std::vector<Example> load_jsonl_examples(const std::string& path, const Tokenizer& tok);
-// Tokens of text files (documents separated by <|endoftext|>) or llm.c shards (*.bin), by extension.
+// Tokens of text files (each file one document, followed by <|endoftext|>) or llm.c shards (*.bin),
+// by extension.
 std::vector<int32_t> load_token_stream(const std::vector<std::string>& paths, const Tokenizer* tok);
 
 class DataLoader {
