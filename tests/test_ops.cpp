@@ -1,15 +1,22 @@
 // The op harness (after ggml's test-backend-ops): one table of op cases, each checked (a) by finite
-// differences in f64 on the CPU and (b) CPU vs CUDA forward and backward in f32 and bf16.
+// differences in f64 on the CPU and (b) CPU vs CUDA forward and backward in f32 and bf16. Then
+// kernels::gemm's addend apart from C (Cin) and caller's workspace, both backends against a double loop.
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "kernels/dispatch.h"
+#include "kernels/matmul.h"
 #include "runtime/device.h"
 #include "runtime/ops.h"
+#ifdef DEEPLORA_HAVE_CUDA
+#include "runtime/cuda_check.h"
+#endif
 
 using namespace deeplora;
 
@@ -193,4 +200,227 @@ TEST_CASE("op harness: CPU vs CUDA forward and backward (f32, bf16)") {
     }
   }
   MESSAGE(fmt::format("op harness: {} CPU-vs-CUDA cases checked", g_devchecks));
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernels::gemm with the addend apart from C (Gemm::Cin) and a caller's workspace
+
+namespace {
+
+using kernels::Gemm;
+
+// C = alpha op(A) op(B) + beta Cin (+ bias). Leading dimensions are padded by 3 and batch entries
+// 5 elements apart, so reads and writes outside the live elements show.
+struct GemmCase {
+  enum class In { apart, alias, unset };  // Cin another buffer, Cin == C, Cin null
+  std::string name;
+  bool ta = false, tb = false;
+  int64_t M = 0, N = 0, K = 0, batch = 1;
+  double alpha = 1.0, beta = 1.0;
+  In cin = In::apart;
+  bool bias = false;
+};
+
+std::vector<GemmCase> gemm_cases() {
+  using In = GemmCase::In;
+  std::vector<GemmCase> c;
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      c.push_back({fmt::format("apart ta={} tb={}", ta, tb), bool(ta), bool(tb), 5, 7, 9, 1, -0.3, 1.0});
+      c.push_back({fmt::format("apart batched ta={} tb={}", ta, tb), bool(ta), bool(tb), 6, 4, 11, 3, 0.8, -0.6});
+    }
+  c.push_back({"apart batched +bias", false, true, 7, 5, 8, 2, 1.0, 0.5, In::apart, true});
+  c.push_back({"apart beta=0 ignores Cin", false, false, 4, 3, 5, 1, 1.0, 0.0});
+  c.push_back({"alias sgd-like (alpha=-lr, beta=1)", false, false, 6, 9, 4, 2, -0.01, 1.0, In::alias});
+  c.push_back({"alias ta tb +bias", true, true, 5, 6, 7, 1, 0.7, 0.25, In::alias, true});
+  c.push_back({"unset batched", true, false, 4, 5, 6, 2, 1.5, 0.5, In::unset});
+  c.push_back({"K=0 apart batched", false, false, 4, 6, 0, 3, 1.0, 0.7});
+  c.push_back({"K=0 apart +bias", true, true, 3, 5, 0, 1, 1.0, -2.0, In::apart, true});
+  c.push_back({"K=0 alias batched", false, false, 5, 4, 0, 2, 1.0, 0.5, In::alias});
+  c.push_back({"K=0 beta=0 ignores Cin", false, false, 3, 4, 0, 2, 1.0, 0.0, In::apart, true});
+  // Work >= 2^22 splits the CPU product over threads by rows; N > 256 spans two column tiles.
+  c.push_back({"apart large ta tb", true, true, 64, 300, 220, 1, -0.5, 1.0});
+  return c;
+}
+
+struct GemmBuffers {
+  Tensor A, B, C, Cin, bias;                      // flat, on the device of the product
+  std::vector<double> a, b, c0, cin0, bias0;      // their stored values before it
+  int64_t lda = 0, ldb = 0, ldc = 0, sA = 0, sB = 0, sC = 0;
+};
+
+// n random values stored in dt (vals: what was stored), or n NaNs.
+Tensor stored(std::vector<double>& vals, int64_t n, uint64_t seed, DType dt, Device dev) {
+  Tensor t = Tensor::randn(Shape{n}, seed, DType::f64).to(dt);
+  vals = t.to_double();
+  return t.to(dev);
+}
+Tensor nans(std::vector<double>& vals, int64_t n, DType dt, Device dev) {
+  vals.assign(size_t(n), NAN);
+  return Tensor::full(Shape{n}, NAN, dt, dev);
+}
+
+GemmBuffers gemm_buffers(const GemmCase& k, DType dt, Device dev, uint64_t seed) {
+  GemmBuffers b;
+  const int64_t ar = k.ta ? k.K : k.M, ac = k.ta ? k.M : k.K, br = k.tb ? k.N : k.K, bc = k.tb ? k.K : k.N;
+  const int64_t gap = k.batch > 1 ? 5 : 0;
+  b.lda = ac + 3, b.ldb = bc + 3, b.ldc = k.N + 3;
+  b.sA = ar * b.lda + gap, b.sB = br * b.ldb + gap, b.sC = k.M * b.ldc + gap;
+  auto extent = [&](int64_t rows, int64_t ld, int64_t stride) { return (k.batch - 1) * stride + rows * ld; };
+  if (k.K > 0) {  // K == 0 passes null A and B: nothing may read them
+    b.A = stored(b.a, extent(ar, b.lda, b.sA), seed, dt, dev);
+    b.B = stored(b.b, extent(br, b.ldb, b.sB), seed + 1, dt, dev);
+  }
+  const int64_t nc = extent(k.M, b.ldc, b.sC);
+  if (k.cin == GemmCase::In::apart) {
+    b.C = nans(b.c0, nc, dt, dev);  // output only: every live element must be written
+    b.Cin = k.beta != 0.0 ? stored(b.cin0, nc, seed + 2, dt, dev) : nans(b.cin0, nc, dt, dev);
+  } else {
+    b.C = stored(b.c0, nc, seed + 2, dt, dev);
+    b.cin0 = b.c0;
+  }
+  if (k.bias) b.bias = stored(b.bias0, k.N, seed + 3, dt, dev);
+  return b;
+}
+
+Gemm gemm_of(const GemmCase& k, DType dt, const GemmBuffers& b, void* workspace) {
+  auto ptr = [](const Tensor& t) -> void* { return t.defined() ? t.data() : nullptr; };
+  Gemm g;
+  g.dt = dt, g.ta = k.ta, g.tb = k.tb, g.M = k.M, g.N = k.N, g.K = k.K, g.alpha = k.alpha, g.beta = k.beta;
+  g.A = ptr(b.A), g.lda = b.lda, g.strideA = b.sA;
+  g.B = ptr(b.B), g.ldb = b.ldb, g.strideB = b.sB;
+  g.C = ptr(b.C), g.ldc = b.ldc, g.strideC = b.sC;
+  g.batch = k.batch;
+  g.bias = ptr(b.bias);
+  g.Cin = k.cin == GemmCase::In::apart ? ptr(b.Cin) : k.cin == GemmCase::In::alias ? ptr(b.C) : nullptr;
+  g.workspace = workspace;
+  return g;
+}
+
+// rel: the largest |C - reference| over the live elements over the largest |reference| (NaN if
+// any is NaN); stray: elements outside them that changed (C's padding and gaps, any of an apart Cin).
+struct GemmErr {
+  double rel = 0;
+  int64_t stray = 0;
+};
+GemmErr gemm_error(const GemmCase& k, const GemmBuffers& b) {
+  const std::vector<double> c = b.C.to_double();
+  std::vector<char> live(c.size(), 0);
+  double err = 0, top = 0;
+  for (int64_t bi = 0; bi < k.batch; ++bi)
+    for (int64_t i = 0; i < k.M; ++i)
+      for (int64_t j = 0; j < k.N; ++j) {
+        double ref = 0;
+        for (int64_t q = 0; q < k.K; ++q)
+          ref += b.a[size_t(bi * b.sA + (k.ta ? q * b.lda + i : i * b.lda + q))] *
+                 b.b[size_t(bi * b.sB + (k.tb ? j * b.ldb + q : q * b.ldb + j))];
+        ref *= k.alpha;
+        const size_t at = size_t(bi * b.sC + i * b.ldc + j);
+        if (k.beta != 0.0) ref += k.beta * b.cin0[at];
+        if (k.bias) ref += b.bias0[size_t(j)];
+        const double e = std::abs(c[at] - ref);
+        if (!(e <= err)) err = e;  // a NaN sticks
+        top = std::max(top, std::abs(ref));
+        live[at] = 1;
+      }
+  auto same = [](double x, double y) { return x == y || (std::isnan(x) && std::isnan(y)); };
+  GemmErr r;
+  r.rel = err / std::max(top, 1e-30);
+  for (size_t q = 0; q < c.size(); ++q)
+    if (!live[q] && !same(c[q], b.c0[q])) ++r.stray;
+  if (k.cin == GemmCase::In::apart) {
+    const std::vector<double> cin = b.Cin.to_double();
+    for (size_t q = 0; q < cin.size(); ++q)
+      if (!same(cin[q], b.cin0[q])) ++r.stray;
+  }
+  return r;
+}
+
+// Against a double loop: f64 to rounding, f32 strict FP32 on the GPU, bf16 its output rounding.
+double gemm_tol(DType dt) { return dt == DType::f64 ? 1e-12 : dt == DType::f32 ? 1e-5 : 1e-2; }
+
+void check_gemm_case(const GemmCase& k, DType dt, const GemmBuffers& b, const char* where) {
+  const GemmErr e = gemm_error(k, b);
+  CHECK_MESSAGE(e.rel <= gemm_tol(dt), fmt::format("{} {} {}: relative error {:.3g} > {}", where, k.name,
+                                                   dtype_name(dt), e.rel, gemm_tol(dt)));
+  CHECK_MESSAGE(e.stray == 0, fmt::format("{} {} {}: {} elements outside the product changed", where, k.name,
+                                          dtype_name(dt), e.stray));
+}
+
+}  // namespace
+
+TEST_CASE("gemm: Cin (the addend apart from C) on the CPU against a double loop") {
+  int n = 0;
+  for (DType dt : {DType::f64, DType::f32, DType::bf16})
+    for (const GemmCase& k : gemm_cases()) {
+      CAPTURE(k.name);
+      CAPTURE(dtype_name(dt));
+      GemmBuffers b = gemm_buffers(k, dt, Device::cpu, 1000 + 10 * uint64_t(n));
+      kernels::cpu::gemm(gemm_of(k, dt, b, nullptr), nullptr);
+      check_gemm_case(k, dt, b, "cpu");
+      ++n;
+    }
+  // The CPU has no workspace and ignores one given.
+  CHECK(kernels::cpu::gemm_workspace_bytes() == 0);
+  const GemmCase k = gemm_cases()[1];
+  GemmBuffers b = gemm_buffers(k, DType::f32, Device::cpu, 7), w = gemm_buffers(k, DType::f32, Device::cpu, 7);
+  std::vector<double> junk(4);
+  kernels::cpu::gemm(gemm_of(k, DType::f32, b, nullptr), nullptr);
+  kernels::cpu::gemm(gemm_of(k, DType::f32, w, junk.data()), nullptr);
+  check_gemm_case(k, DType::f32, w, "cpu, workspace given");
+  const std::vector<double> cw = w.C.to_double(), cb = b.C.to_double();
+  auto same = [](double x, double y) { return x == y || (std::isnan(x) && std::isnan(y)); };
+  CHECK(std::equal(cw.begin(), cw.end(), cb.begin(), same));
+  MESSAGE(fmt::format("gemm Cin: {} CPU cases checked", n));
+}
+
+TEST_CASE("gemm: Cin and a caller's workspace on CUDA against a double loop (and two streams at once)") {
+  if (!cuda_available()) {
+    MESSAGE("skipped the CUDA gemm Cin/workspace checks: " << cuda_unavailable_reason());
+    return;
+  }
+#ifdef DEEPLORA_HAVE_CUDA
+  const size_t wsb = kernels::cuda::gemm_workspace_bytes();
+  CHECK(wsb > 0);
+  CHECK(wsb == cuda_ctx().lt_workspace_bytes);
+  auto workspace = [&] { return Tensor::empty(Shape{int64_t((wsb + 7) / 8)}, DType::f64, Device::cuda); };
+  Tensor ws = workspace();
+  int n = 0;
+  for (DType dt : {DType::f64, DType::f32, DType::bf16})
+    for (const GemmCase& k : gemm_cases())
+      for (bool own_ws : {false, true}) {
+        CAPTURE(k.name);
+        CAPTURE(dtype_name(dt));
+        CAPTURE(own_ws);
+        GemmBuffers b = gemm_buffers(k, dt, Device::cuda, 1000 + 10 * uint64_t(n / 2));
+        kernels::cuda::gemm(gemm_of(k, dt, b, own_ws ? ws.data() : nullptr), cuda_ctx().stream);
+        check_gemm_case(k, dt, b, own_ws ? "cuda, own workspace" : "cuda");
+        ++n;
+      }
+  {
+    const GemmCase k = gemm_cases()[0];
+    GemmBuffers b = gemm_buffers(k, DType::f32, Device::cuda, 5);
+    CHECK_THROWS_AS(kernels::cuda::gemm(gemm_of(k, DType::f32, b, static_cast<char*>(ws.data()) + 16),
+                                        cuda_ctx().stream),
+                    std::invalid_argument);
+  }
+  // Two long-K products (split-K wants workspace) on two streams at once, each with its own workspace,
+  // relaunched a few times; both results must still be right.
+  const std::vector<GemmCase> pair{{"stream 0", false, true, 64, 64, 16384, 1, -0.25, 1.0},
+                                   {"stream 1", true, false, 96, 48, 12288, 1, 0.5, 0.5}};
+  Tensor ws2 = workspace();
+  cudaStream_t st[2] = {nullptr, nullptr};
+  for (auto& s : st) CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  for (DType dt : {DType::f32, DType::bf16}) {
+    CAPTURE(dtype_name(dt));
+    GemmBuffers b[2] = {gemm_buffers(pair[0], dt, Device::cuda, 31), gemm_buffers(pair[1], dt, Device::cuda, 37)};
+    cuda_sync();  // inputs are written on the context's stream
+    for (int rep = 0; rep < 4; ++rep)
+      for (int i = 0; i < 2; ++i) kernels::cuda::gemm(gemm_of(pair[i], dt, b[i], (i ? ws2 : ws).data()), st[i]);
+    for (auto& s : st) CUDA_CHECK(cudaStreamSynchronize(s));
+    for (int i = 0; i < 2; ++i) check_gemm_case(pair[i], dt, b[i], "cuda, two streams");
+  }
+  for (auto& s : st) CUDA_CHECK(cudaStreamDestroy(s));
+  MESSAGE(fmt::format("gemm Cin/workspace: {} CUDA cases checked", n));
+#endif
 }

@@ -33,7 +33,9 @@ void check_gemm(const Gemm& g) {
 
 // Per batch entry and per tile of NB columns: acc[M][nb] in double over K in chunks of KB, with
 // the B chunk packed (transposed if tb) into a contiguous double tile so the inner loop is a
-// unit-stride axpy. C is read only when beta != 0, so it may hold garbage (NaN) for beta == 0.
+// unit-stride axpy. Cin (C when null) is read only when beta != 0, so it may hold garbage (NaN)
+// for beta == 0; each element of Cin is read before the same element of C is written, so Cin may
+// be C.
 template <class T> void gemm_typed(const Gemm& g) {
   constexpr int64_t NB = 256, KB = 128;
   const int64_t M = g.M, N = g.N, K = g.K;
@@ -43,6 +45,7 @@ template <class T> void gemm_typed(const Gemm& g) {
     const T* A = static_cast<const T*>(g.A) + bi * g.strideA;
     const T* B = static_cast<const T*>(g.B) + bi * g.strideB;
     T* C = static_cast<T*>(g.C) + bi * g.strideC;
+    const T* Cin = static_cast<const T*>(g.Cin ? g.Cin : g.C) + bi * g.strideC;
     for (int64_t n0 = 0; n0 < N; n0 += NB) {
       const int64_t nb = std::min(NB, N - n0);
       acc.assign(size_t(M * nb), 0.0);
@@ -63,11 +66,11 @@ template <class T> void gemm_typed(const Gemm& g) {
       }
       for (int64_t i = 0; i < M; ++i)
         for (int64_t j = 0; j < nb; ++j) {
-          T& c = C[i * g.ldc + n0 + j];
+          const int64_t at = i * g.ldc + n0 + j;
           double v = g.alpha * acc[i * nb + j];
-          if (g.beta != 0.0) v += g.beta * ld(c);
+          if (g.beta != 0.0) v += g.beta * ld(Cin[at]);
           if (bias) v += ld(bias[n0 + j]);
-          c = st<T>(v);
+          C[at] = st<T>(v);
         }
     }
   }
@@ -100,11 +103,14 @@ void gemm(const Gemm& g, cudaStream_t) {
       part.M = i1 - i0;
       part.A = static_cast<const E*>(g.A) + (g.ta ? i0 : i0 * g.lda);  // op(A) rows i0..: columns of A when ta
       part.C = static_cast<E*>(g.C) + i0 * g.ldc;
+      if (g.Cin) part.Cin = static_cast<const E*>(g.Cin) + i0 * g.ldc;
       pool.emplace_back([part] { gemm_typed<E>(part); });
     }
     for (auto& th : pool) th.join();
   });
 }
+
+size_t gemm_workspace_bytes() { return 0; }
 
 // Per (b, h, t): scores s_j = scale q_t.k_j for j <= t; lse = logsumexp(s);
 // out_t = sum_j exp(s_j - lse) v_j.

@@ -27,18 +27,20 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 
-// C[b][m][n] = (scale_c ? beta * C : C) + bias[n]; beta == 0 ignores C (it may hold NaN garbage).
+// C[b][m][n] = (scale_c ? beta * Cin : C) + bias[n]; beta == 0 ignores Cin (it may hold NaN
+// garbage). Cin is laid out like C and may be C.
 template <class T, class S>
-__global__ void scale_add_bias(T* C, const T* bias, int64_t M, int64_t N, int64_t ldc, int64_t sC,
-                               int64_t batch, S beta, bool scale_c) {
+__global__ void scale_add_bias(T* C, const T* Cin, const T* bias, int64_t M, int64_t N, int64_t ldc,
+                               int64_t sC, int64_t batch, S beta, bool scale_c) {
   const int64_t total = batch * M * N;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = i % N, r = i / N, m = r % M, b = r / M;
-    T* c = C + b * sC + m * ldc + n;
+    const int64_t at = b * sC + m * ldc + n;
+    T* c = C + at;
     S v = S(0);
     if (!scale_c) v = load(c);
-    else if (beta != S(0)) v = beta * S(load(c));
+    else if (beta != S(0)) v = beta * S(load(Cin + at));
     if (bias) v += S(load(bias + n));
     store(c, v);
   }
@@ -50,8 +52,9 @@ void launch_scale_add_bias(const Gemm& g, bool scale_c, cudaStream_t s) {
   const int64_t total = g.batch * g.M * g.N;
   const int threads = 256;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, int64_t(1) << 20));
-  scale_add_bias<T, S><<<unsigned(blocks), threads, 0, s>>>(static_cast<T*>(g.C), static_cast<const T*>(g.bias), g.M,
-                                                           g.N, g.ldc, g.strideC, g.batch, S(g.beta), scale_c);
+  const T* cin = static_cast<const T*>(g.Cin ? g.Cin : g.C);
+  scale_add_bias<T, S><<<unsigned(blocks), threads, 0, s>>>(static_cast<T*>(g.C), cin, static_cast<const T*>(g.bias),
+                                                           g.M, g.N, g.ldc, g.strideC, g.batch, S(g.beta), scale_c);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -83,12 +86,13 @@ uint32_t alignment(const void* p, int64_t stride, int64_t batch, size_t elem) {
   return uint32_t(x & (~x + 1));
 }
 
-// Everything of a Gemm but pointers' values and alpha/beta.
+// Everything of a Gemm but pointers' values and alpha/beta. out_of_place: Cin is not C, so the
+// algorithm must write D apart from C (not every one can); al_cin is then Cin's alignment.
 struct Key {
   DType dt, c_dt;
-  bool ta, tb, bias;
+  bool ta, tb, bias, out_of_place;
   int64_t M, N, K, lda, ldb, ldc, sA, sB, sC, batch;
-  uint32_t al_a, al_b, al_c, al_bias;
+  uint32_t al_a, al_b, al_c, al_cin, al_bias;
   auto operator<=>(const Key&) const = default;
 };
 
@@ -97,14 +101,16 @@ std::string describe(const Key& k) {
   return std::string("gemm ") + dtype_name(k.dt) + (k.c_dt != k.dt ? std::string("->") + dtype_name(k.c_dt) : "") +
          " M=" + s(k.M) + " N=" + s(k.N) + " K=" + s(k.K) + " ta=" + s(k.ta) + " tb=" + s(k.tb) + " lda=" + s(k.lda) +
          " ldb=" + s(k.ldb) + " ldc=" + s(k.ldc) + " batch=" + s(k.batch) + " strides=" + s(k.sA) + "/" + s(k.sB) +
-         "/" + s(k.sC) + " align=" + s(k.al_a) + "/" + s(k.al_b) + "/" + s(k.al_c) + (k.bias ? " +bias" : "");
+         "/" + s(k.sC) + " align=" + s(k.al_a) + "/" + s(k.al_b) + "/" + s(k.al_c) +
+         (k.out_of_place ? " Cin align=" + s(k.al_cin) : std::string()) + (k.bias ? " +bias" : "");
 }
 
 // Lt is column-major: row-major C (M x N, ldc) is column-major C^T (N x M), and C^T = op(B)^T op(A)^T.
 // So Lt's first operand is our B, its second our A, and the bias (length N) runs along Lt's rows.
+// Lt's C is our Cin, its D our C: both have layout lt_c.
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t lt_a = nullptr, lt_b = nullptr, lt_c = nullptr;  // our B, our A, C (= D)
+  cublasLtMatrixLayout_t lt_a = nullptr, lt_b = nullptr, lt_c = nullptr;  // our B, our A, Cin and C
   cublasLtMatmulAlgo_t algo{};
   bool lt_bias = false;  // bias through the epilogue; otherwise scale_add_bias runs after the product
 };
@@ -163,7 +169,7 @@ bool try_plan(const Key& k, const void* bias, bool with_bias, Plan& p) {
     cublasStatus_t st = set_pref(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, uint64_t(ctx.lt_workspace_bytes));
     if (st == CUBLAS_STATUS_SUCCESS) st = set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, k.al_b);
     if (st == CUBLAS_STATUS_SUCCESS) st = set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, k.al_a);
-    if (st == CUBLAS_STATUS_SUCCESS) st = set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, k.al_c);
+    if (st == CUBLAS_STATUS_SUCCESS) st = set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, k.al_cin);
     if (st == CUBLAS_STATUS_SUCCESS) st = set_pref(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, k.al_c);
     cublasLtMatmulHeuristicResult_t res[4] = {};
     int n = 0;
@@ -172,9 +178,15 @@ bool try_plan(const Key& k, const void* bias, bool with_bias, Plan& p) {
     cublasLtMatmulPreferenceDestroy(pref);
     if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED)
       throw std::runtime_error(describe(k) + ": cublasLtMatmulAlgoGetHeuristic failed: " + cublas_status_string(st));
+    auto out_of_place_ok = [&](const cublasLtMatmulAlgo_t& a) {
+      int32_t yes = 0;
+      size_t got = 0;
+      return cublasLtMatmulAlgoCapGetAttribute(&a, CUBLASLT_ALGO_CAP_OUT_OF_PLACE_RESULT_SUPPORT, &yes, sizeof(yes),
+                                               &got) == CUBLAS_STATUS_SUCCESS && yes != 0;
+    };
     int pick = -1;
     for (int i = 0; i < n && pick < 0; ++i)
-      if (res[i].state == CUBLAS_STATUS_SUCCESS) pick = i;
+      if (res[i].state == CUBLAS_STATUS_SUCCESS && (!k.out_of_place || out_of_place_ok(res[i].algo))) pick = i;
     if (st != CUBLAS_STATUS_SUCCESS || pick < 0) {
       destroy(p);
       return false;
@@ -219,7 +231,11 @@ void gemm_mixed(const Gemm& g, DType c_dt, cudaStream_t s) {
   check(g.batch <= INT32_MAX, g, "batch over 2^31-1");
   check(g.C != nullptr, g, "C is null");
   check(g.ldc >= g.N, g, "ldc < N");
-  if (g.K == 0) {  // op(A) op(B) is zero: C = beta C (+ bias)
+  // beta == 0 reads no addend: such products stay in place (and share plans with C = Cin).
+  const void* cin = g.Cin && g.beta != 0.0 ? g.Cin : g.C;
+  check(g.workspace == nullptr || reinterpret_cast<uintptr_t>(g.workspace) % 256 == 0, g,
+        "workspace not 256-byte aligned");
+  if (g.K == 0) {  // op(A) op(B) is zero: C = beta Cin (+ bias)
     scale_add_bias_any(g, c_dt, true, s);
     return;
   }
@@ -233,15 +249,19 @@ void gemm_mixed(const Gemm& g, DType c_dt, cudaStream_t s) {
   const bool batched = g.batch > 1;
   Key key{};
   key.dt = g.dt, key.c_dt = c_dt, key.ta = g.ta, key.tb = g.tb, key.bias = g.bias != nullptr;
+  key.out_of_place = cin != g.C;
   key.M = g.M, key.N = g.N, key.K = g.K, key.lda = g.lda, key.ldb = g.ldb, key.ldc = g.ldc;
   key.sA = batched ? g.strideA : 0, key.sB = batched ? g.strideB : 0, key.sC = batched ? g.strideC : 0;
   key.batch = g.batch;
   key.al_a = alignment(g.A, g.strideA, g.batch, es);
   key.al_b = alignment(g.B, g.strideB, g.batch, es);
   key.al_c = alignment(g.C, g.strideC, g.batch, ces);
+  key.al_cin = key.out_of_place ? alignment(cin, g.strideC, g.batch, ces) : key.al_c;
   key.al_bias = g.bias ? alignment(g.bias, 0, 1, ces) : 0u;
 
   DeviceContext& ctx = cuda_ctx();
+  // A caller's workspace has the context's size, so plans asked for with that size hold for it.
+  void* const ws = g.workspace ? g.workspace : ctx.lt_workspace;
   PlanCache& cache = plan_cache();
   bool bias_after = false;
   {
@@ -262,18 +282,20 @@ void gemm_mixed(const Gemm& g, DType c_dt, cudaStream_t s) {
     bias_after = key.bias && !p.lt_bias;
     if (g.dt == DType::f64) {
       const double alpha = g.alpha, beta = g.beta;
-      CUBLAS_CHECK(cublasLtMatmul(ctx.cublaslt, p.desc, &alpha, g.B, p.lt_a, g.A, p.lt_b, &beta, g.C, p.lt_c, g.C,
-                                  p.lt_c, &p.algo, ctx.lt_workspace, ctx.lt_workspace_bytes, s));
+      CUBLAS_CHECK(cublasLtMatmul(ctx.cublaslt, p.desc, &alpha, g.B, p.lt_a, g.A, p.lt_b, &beta, cin, p.lt_c, g.C,
+                                  p.lt_c, &p.algo, ws, ctx.lt_workspace_bytes, s));
     } else {
       const float alpha = float(g.alpha), beta = float(g.beta);
-      CUBLAS_CHECK(cublasLtMatmul(ctx.cublaslt, p.desc, &alpha, g.B, p.lt_a, g.A, p.lt_b, &beta, g.C, p.lt_c, g.C,
-                                  p.lt_c, &p.algo, ctx.lt_workspace, ctx.lt_workspace_bytes, s));
+      CUBLAS_CHECK(cublasLtMatmul(ctx.cublaslt, p.desc, &alpha, g.B, p.lt_a, g.A, p.lt_b, &beta, cin, p.lt_c, g.C,
+                                  p.lt_c, &p.algo, ws, ctx.lt_workspace_bytes, s));
     }
   }
-  if (bias_after) scale_add_bias_any(g, c_dt, false, s);
+  if (bias_after) scale_add_bias_any(g, c_dt, false, s);  // onto C, which now holds the product
 }
 }  // namespace detail
 
 void gemm(const Gemm& g, cudaStream_t s) { detail::gemm_mixed(g, g.dt, s); }
+
+size_t gemm_workspace_bytes() { return cuda_ctx().lt_workspace_bytes; }
 
 }  // namespace deeplora::kernels::cuda

@@ -4,7 +4,7 @@
 #include "kernels/matmul.h"
 
 namespace deeplora::kernels::cuda::detail {
-// gemm() with C (and bias) of dtype c_dt while A and B have g.dt. Supported (A/B, C): (f32, f32),
-// (bf16, bf16), (bf16, f32), (f64, f64); anything else throws.
+// gemm() with C (and Cin, bias) of dtype c_dt while A and B have g.dt. Supported (A/B, C):
+// (f32, f32), (bf16, bf16), (bf16, f32), (f64, f64); anything else throws.
 void gemm_mixed(const Gemm& g, DType c_dt, cudaStream_t s);
 }  // namespace deeplora::kernels::cuda::detail
