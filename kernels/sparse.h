@@ -19,53 +19,59 @@ struct SgdItem {
 };
 constexpr int kSgdMaxItems = 8;  // per launch; sgd_multi takes any number and launches in groups
 
-// The fused step of compressed deep matrix completion, W = A · K_L ⋯ K_1 · Bᵀ, on the loss
-// f = ½·alpha·Σ_{e∈Ω} (W[i_e, j_e] − vals[e])². One launch: every block forms Kp = K_L⋯K_1 in shared
-// memory; row-owner warps compute the residuals of their row, gP_i = alpha·Σ_e r_e·B[j_e] (CSR),
-// gA_i = gP_i·Kpᵀ, write A_out[i] = A[i] − lr_outer·gA_i and add A[i]ᵀ⊗gP_i to their block's gKp
-// partial; column-owner warps recompute P[i_e] = A[i_e]·Kp for their column's entries (CSC) and write
-// B_out[j] = B[j] − lr_outer·alpha·Σ_e r_e·P[i_e]. The last block to finish (integer ticket, so the
-// order of the sums never depends on timing) reduces the partials in block order, forms
-// gK_l = (K_L⋯K_{l+1})ᵀ·gKp·(K_{l−1}⋯K_1)ᵀ and updates every K_l in place, and writes the loss of
-// the input iterate. A_out/B_out must not alias A/B (callers ping-pong two buffers).
+// The fused steps of compressed deep matrix completion, W = A · K_L ⋯ K_1 · Bᵀ, on the loss
+// f = ½·alpha·Σ_{e∈Ω} (W[i_e, j_e] − vals[e])²: `steps` gradient-descent iterations in one launch.
+// On the GPU it is a persistent cooperative kernel (one grid barrier per iteration). Each iteration:
+// with Kp = K_L⋯K_1 (every block holds the K_l and Kp in shared memory),
+// - row-owner warps: P_i = A_i·Kp, residuals r_e = P_i·B_{j_e} − vals[e] over their row (CSR),
+//   gP_i = alpha·Σ_e r_e·B_{j_e}, A'_i = A_i − lr_outer·gP_i·Kpᵀ, and the block's partial of
+//   gKp = Σ_i A_iᵀ·gP_i and of the loss;
+// - column-owner warps: Q_j = Kp·B_jᵀ, r_e = A_{i_e}·Q_j − vals[e] over their column (CSC),
+//   B'_j = B_j − lr_outer·alpha·(Σ_e r_e·A_{i_e})·Kp;
+// - grid barrier; then every block sums the partials in block order (the same order in every block,
+//   so all blocks hold bit-identical K_l), forms gK_l = (K_L⋯K_{l+1})ᵀ·gKp·(K_{l−1}⋯K_1)ᵀ and updates
+//   its K_l. The next iterate of A, B lives in A_tmp, B_tmp (ping-pong); after the last iteration the
+//   result is in A, B (an odd count ends with a copy), K_l are written back, and `loss` holds the loss
+//   of the last iteration's input iterate. No float atomics: the result does not depend on timing.
 constexpr int kLowrankMaxL = 16;
+constexpr int kLowrankThreads = 512;       // threads of a block of the fused kernel
+constexpr int kLowrankMaxRowBlocks = 128;  // row-owner blocks (bounds the partials each block sums)
 struct LowrankStep {
   DType dt = DType::f64;
   int64_t rows = 0, cols = 0, k = 0, L = 0;
+  int64_t steps = 1;
   const int32_t* row_ptr = nullptr;  // CSR [rows + 1]
   const int32_t* col_idx = nullptr;  // CSR [nnz]
   const int32_t* col_ptr = nullptr;  // CSC [cols + 1]
   const int32_t* csc_row = nullptr;  // CSC [nnz]
   const void* vals_csr = nullptr;    // targets at Ω in CSR order
   const void* vals_csc = nullptr;    // the same in CSC order
-  const void* A = nullptr;           // [rows, k]
-  const void* B = nullptr;           // [cols, k]
-  void* A_out = nullptr;
-  void* B_out = nullptr;
-  void* K[kLowrankMaxL] = {};  // K_1 .. K_L, [k, k] each, updated in place
+  void* A = nullptr;                 // [rows, k], updated in place
+  void* B = nullptr;                 // [cols, k], updated in place
+  void* A_tmp = nullptr;             // scratch of A's shape (must not alias A or B)
+  void* B_tmp = nullptr;             // scratch of B's shape
+  void* K[kLowrankMaxL] = {};        // K_1 .. K_L, [k, k] each, updated in place
   double alpha = 1.0, lr_inner = 0.0, lr_outer = 0.0;
   void* loss = nullptr;  // one element of dt
-  void* work = nullptr;  // lowrank_step_workspace_bytes(); its first 4 bytes must be zero before the
-                         // first launch (the kernel leaves them zero again)
+  void* work = nullptr;  // lowrank_step_workspace_bytes(k) bytes of device memory (any content)
 };
-// Shared memory of the fused kernel, in elements of dt: Kp, the gKp combine buffer, per-warp rows,
-// and for the last block the old K_l, their prefix products and the back-propagated chain.
-inline int64_t lowrank_step_smem_elems(int64_t k, int64_t L) { return (3 * L + 3) * k * k + 16 * 32 + 16; }
-// Limits of the fused kernel (else use the op-by-op path): even or odd k in [1, 32], 1 <= L <= 16,
-// shared memory within the default 48 KiB. (k = 10, L = 3 in f64 takes 8.4 KiB.)
+// Shared memory of the fused kernel, in elements of dt: the K_l, their prefix products Pre_l and the
+// back-propagated chain X_l, Kp, the summed gradient, per-warp rows, per-warp gKp shares, and the
+// split sums of the partials.
+inline int64_t lowrank_step_smem_elems(int64_t k, int64_t L) {
+  const int64_t kk = k * k, warps = kLowrankThreads / 32;
+  return 3 * L * kk + kk + (kk + 1) + warps * 64 + warps * (kk + 1) + (kk + 1 > kLowrankThreads ? kk + 1 : kLowrankThreads);
+}
+// Limits of the fused kernel (else use the op-by-op path): k in [1, 32], 1 <= L <= 16, shared memory
+// within 96 KiB (k = 10, L = 3 in f64 takes 33 KiB).
 inline bool lowrank_step_supported(DType dt, int64_t k, int64_t L) {
   if (dt != DType::f64 && dt != DType::f32) return false;
   if (k < 1 || k > 32 || L < 1 || L > kLowrankMaxL) return false;
-  return lowrank_step_smem_elems(k, L) * int64_t(dtype_size(dt)) <= 48 * 1024;
+  return lowrank_step_smem_elems(k, L) * int64_t(dtype_size(dt)) <= 96 * 1024;
 }
-// Row-side block count (8 warps a block, a row a warp, capped; beyond the cap rows are
-// grid-strided): the cap bounds the last block's reduction of the per-block gKp partials.
-inline int64_t lowrank_row_blocks(int64_t rows) {
-  int64_t b = (rows + 7) / 8;
-  return b < 1 ? 1 : (b > 512 ? 512 : b);
-}
-inline size_t lowrank_step_workspace_bytes(int64_t rows, int64_t cols, int64_t k) {
-  return 256 + size_t(lowrank_row_blocks(rows)) * size_t(k * k + 1) * 8;
+// Two buffers of per-block partials (gKp and the loss), alternating between iterations.
+inline size_t lowrank_step_workspace_bytes(int64_t k) {
+  return size_t(2) * kLowrankMaxRowBlocks * size_t(k * k + 1) * 8;
 }
 
 }  // namespace deeplora::kernels
@@ -95,7 +101,7 @@ inline size_t lowrank_step_workspace_bytes(int64_t rows, int64_t cols, int64_t k
                     const void* g, void* gx, void* gt, cudaStream_t s);                             \
   /* For each item: p -= lr * g; g = 0 if zero_grad. Items share dt. */                             \
   void sgd_multi(DType dt, const SgdItem* items, int n_items, bool zero_grad, cudaStream_t s);      \
-  /* The fused compressed step (struct LowrankStep above). */                                       \
+  /* The fused compressed steps (struct LowrankStep above). */                                       \
   void lowrank_step(const LowrankStep& a, cudaStream_t s);                                          \
   /* out[0] (f64) = sum over (i, j) NOT in the pattern (CSR row_ptr/col_idx, sorted columns) of    \
      (X1[i]·Y1[j] - X2[i]·Y2[j])^2, X1 [rows,k1], Y1 [cols,k1], X2 [rows,k2], Y2 [cols,k2]          \

@@ -360,9 +360,14 @@ Compressed::Compressed(const Target& t, const Config& c, Device dev) : dev_(dev)
   if (fused_) {
     A2_ = Tensor::zeros(A.shape(), dt_, dev);
     B2_ = Tensor::zeros(B.shape(), dt_, dev);
-    const size_t bytes = kernels::lowrank_step_workspace_bytes(d_, d_, k_);
-    work_ = Tensor::zeros(Shape{int64_t((bytes + 3) / 4)}, DType::i32, dev);  // the ticket counter starts at 0
+    const size_t bytes = kernels::lowrank_step_workspace_bytes(k_);
+    work_ = Tensor::zeros(Shape{int64_t((bytes + 3) / 4)}, DType::i32, dev);
     loss_out_ = Tensor::zeros(Shape{}, dt_, dev);
+    for (int b = 250; b >= 1; --b)
+      if (c.log_every % b == 0) {
+        block_ = b;
+        break;
+      }
   }
   // Recovery error: exact (a pass over all d² entries, O(d² k)), or on a fixed random sample.
   n_unobs_ = double(d_) * double(d_) - double(omega_.nnz);
@@ -445,17 +450,12 @@ Tensor Compressed::kprod() const {
   return Kp;
 }
 
-void Compressed::fused_step(const Tensor& a_in, const Tensor& b_in, const Tensor& a_out, const Tensor& b_out) {
-  lowrank_step(omega_, m_csr_, m_csc_, a_in, b_in, a_out, b_out, K, alpha_, lr_, gamma_ * lr_, loss_out_, work_);
+void Compressed::fused_steps(int64_t n) {
+  lowrank_step(omega_, m_csr_, m_csc_, A, B, A2_, B2_, K, alpha_, lr_, gamma_ * lr_, loss_out_, work_, n);
 }
 
 void Compressed::step() {
-  if (fused_) {
-    fused_step(A, B, A2_, B2_);
-    A.copy_from(A2_);
-    B.copy_from(B2_);
-    return;
-  }
+  if (fused_) return fused_steps(1);
   Tensor pred = ops::sampled_dot(ops::matmul(A, kprod()), B, omega_);
   backward(ops::sq_error(pred, m_csr_, alpha_));
   std::vector<Tensor> params{A, B};
@@ -469,8 +469,7 @@ void Compressed::step() {
 
 void Compressed::step_block() {
   if (!fused_) return step();
-  fused_step(A, B, A2_, B2_);
-  fused_step(A2_, B2_, A, B);
+  fused_steps(block_);
 }
 
 void Compressed::evaluate_async() {
@@ -504,7 +503,7 @@ int64_t Compressed::n_params() const { return A.numel() + B.numel() + int64_t(K.
 std::string Compressed::describe() const {
   return fmt::format("compressed (k = {}, init {}{}, step {}, recovery {})", k_, used_exact_init ? "exact" : "implicit",
                      n_completed ? fmt::format(", {} basis columns completed at random", n_completed) : "",
-                     fused_ ? "fused kernel" : "op by op on the tape",
+                     fused_ ? fmt::format("fused kernel, {} iterations a launch", block_) : "op by op on the tape",
                      eval_sampled_ ? fmt::format("estimated on {} unobserved entries", sample_.nnz) : "exact");
 }
 

@@ -112,7 +112,7 @@ class Model {
   virtual std::string name() const = 0;
   // One gradient-descent iteration; no host sync, same allocations every call: capturable.
   virtual void step() = 0;
-  // The unit a graph captures: block_steps() iterations (2 for the ping-pong fused step).
+  // The unit a graph captures: block_steps() iterations.
   virtual int block_steps() const { return 1; }
   virtual void step_block() { step(); }
   // Train loss and recovery error of the current iterate into device scalars (capturable), and
@@ -154,7 +154,8 @@ class Compressed : public Model {
   Compressed(const Target& t, const Config& c, Device dev);
   std::string name() const override { return "compressed"; }
   void step() override;
-  int block_steps() const override { return fused_ ? 2 : 1; }
+  // Fused: one launch runs block_steps() iterations (a divisor of the log interval, at most 250).
+  int block_steps() const override { return fused_ ? block_ : 1; }
   void step_block() override;
   void evaluate_async() override;
   Metrics read_metrics() const override;
@@ -172,7 +173,7 @@ class Compressed : public Model {
  private:
   void init_exact(const Target& t, const Config& c);
   void init_implicit(const Target& t, const Config& c);
-  void fused_step(const Tensor& a_in, const Tensor& b_in, const Tensor& a_out, const Tensor& b_out);
+  void fused_steps(int64_t n);
   Tensor kprod() const;  // K_L ⋯ K_1
 
   Device dev_;
@@ -180,9 +181,10 @@ class Compressed : public Model {
   int64_t d_ = 0, k_ = 0;
   double alpha_ = 0, lr_ = 0, gamma_ = 0;
   bool fused_ = false;
+  int block_ = 1;
   SparsePattern omega_;
   Tensor m_csr_, m_csc_, U_, V_;
-  Tensor A2_, B2_, work_, loss_out_;  // fused: ping-pong buffers, workspace, loss of the last step
+  Tensor A2_, B2_, work_, loss_out_;  // fused: scratch of A and B, workspace, loss of the last step
   double n_unobs_ = 0;
   bool eval_sampled_ = false;
   SparsePattern sample_;

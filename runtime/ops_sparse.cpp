@@ -252,16 +252,42 @@ void sgd_step(const std::vector<Tensor>& params, const std::vector<double>& lrs)
 }
 
 void lowrank_step(const SparsePattern& pat, const Tensor& vals_csr, const Tensor& vals_csc, const Tensor& A,
-                  const Tensor& B, const Tensor& A_out, const Tensor& B_out, const std::vector<Tensor>& K,
-                  double alpha, double lr_inner, double lr_outer, const Tensor& loss, const Tensor& work) {
-  check(!K.empty() && int64_t(K.size()) <= kernels::kLowrankMaxL, "lowrank_step",
+                  const Tensor& B, const Tensor& A_tmp, const Tensor& B_tmp, const std::vector<Tensor>& K,
+                  double alpha, double lr_inner, double lr_outer, const Tensor& loss, const Tensor& work,
+                  int64_t steps) {
+  const char* op = "lowrank_step";
+  check(!K.empty() && int64_t(K.size()) <= kernels::kLowrankMaxL, op,
         fmt::format("{} inner factors (1 to {})", K.size(), kernels::kLowrankMaxL));
+  check(steps >= 0, op, fmt::format("negative step count {}", steps));
+  check_float(op, A, "A");
+  const Device dev = A.device();
+  const DType dt = A.dtype();
+  check_pattern(op, pat, dev);
+  const int64_t k = A.dim(1);
+  auto same = [&](const Tensor& t, const char* what, Shape shape) {
+    check(t.defined() && t.device() == dev && t.dtype() == dt && t.shape() == shape, op,
+          fmt::format("{} must be {} {} on {} (got {})", what, dtype_name(dt), shape.str(), device_name(dev),
+                      t.defined() ? t.desc() : std::string("undefined")));
+  };
+  check(A.ndim() == 2 && A.dim(0) == pat.rows, op, fmt::format("A {} must be [{}, k]", A.desc(), pat.rows));
+  same(B, "B", Shape{pat.cols, k});
+  same(A_tmp, "A_tmp", A.shape());
+  same(B_tmp, "B_tmp", B.shape());
+  same(vals_csr, "vals_csr", Shape{pat.nnz});
+  same(vals_csc, "vals_csc", Shape{pat.nnz});
+  same(loss, "loss", Shape{});
+  for (const Tensor& kl : K) same(kl, "each K_l", Shape{k, k});
+  check(work.defined() && work.device() == dev && work.nbytes() >= kernels::lowrank_step_workspace_bytes(k), op,
+        fmt::format("work must hold {} bytes on {}", kernels::lowrank_step_workspace_bytes(k), device_name(dev)));
+  check(A_tmp.data() != A.data() && A_tmp.data() != B.data() && B_tmp.data() != A.data() && B_tmp.data() != B.data(),
+        op, "A_tmp and B_tmp must not alias A or B");
   kernels::LowrankStep s;
-  s.dt = A.dtype();
+  s.dt = dt;
   s.rows = pat.rows;
   s.cols = pat.cols;
-  s.k = A.dim(1);
+  s.k = k;
   s.L = int64_t(K.size());
+  s.steps = steps;
   s.row_ptr = pat.row_ptr.data_as<int32_t>();
   s.col_idx = pat.col_idx.data_as<int32_t>();
   s.col_ptr = pat.col_ptr.data_as<int32_t>();
@@ -270,15 +296,14 @@ void lowrank_step(const SparsePattern& pat, const Tensor& vals_csr, const Tensor
   s.vals_csc = vals_csc.data();
   s.A = A.data();
   s.B = B.data();
-  s.A_out = A_out.data();
-  s.B_out = B_out.data();
+  s.A_tmp = A_tmp.data();
+  s.B_tmp = B_tmp.data();
   for (size_t l = 0; l < K.size(); ++l) s.K[l] = K[l].data();
   s.alpha = alpha;
   s.lr_inner = lr_inner;
   s.lr_outer = lr_outer;
   s.loss = loss.data();
   s.work = work.data();
-  const Device dev = A.device();
   DEEPLORA_DISPATCH(dev, lowrank_step, s, stream_for(dev));
 }
 

@@ -63,12 +63,15 @@ Tensor sq_error(const Tensor& x, const Tensor& target, double alpha, const Tenso
 // the tensor if one has no gradient or the lists differ in length.
 void sgd_step(const std::vector<Tensor>& params, const std::vector<double>& lrs);
 
-// One fused compressed-factorization GD step (kernels::lowrank_step, not on the tape) over `pat`:
-// reads A [rows, k], B [cols, k], writes A_out, B_out, updates every K_l [k, k] in place and writes
-// the loss (one element). vals_csr / vals_csc: the targets at the pattern in CSR / CSC order; work:
-// lowrank_step_workspace_bytes() of device memory whose first 4 bytes are zero.
+// `steps` fused compressed-factorization GD iterations (kernels::lowrank_step, not on the tape) over
+// `pat`: updates A [rows, k], B [cols, k] and every K_l [k, k] in place and writes the loss of the
+// last iteration's input iterate (one element). A_tmp, B_tmp: scratch of A's and B's shapes;
+// vals_csr / vals_csc: the targets at the pattern in CSR / CSC order; work: at least
+// kernels::lowrank_step_workspace_bytes(k) bytes of device memory. Throws std::invalid_argument
+// naming the tensor on mismatched shapes, dtypes or devices.
 void lowrank_step(const SparsePattern& pat, const Tensor& vals_csr, const Tensor& vals_csc, const Tensor& A,
-                  const Tensor& B, const Tensor& A_out, const Tensor& B_out, const std::vector<Tensor>& K,
-                  double alpha, double lr_inner, double lr_outer, const Tensor& loss, const Tensor& work);
+                  const Tensor& B, const Tensor& A_tmp, const Tensor& B_tmp, const std::vector<Tensor>& K,
+                  double alpha, double lr_inner, double lr_outer, const Tensor& loss, const Tensor& work,
+                  int64_t steps = 1);
 
 }  // namespace deeplora

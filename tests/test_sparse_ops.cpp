@@ -84,52 +84,55 @@ Tensor randn(Shape s, uint64_t seed, Device dev = Device::cpu, DType dt = DType:
   return Tensor::randn(s, seed, DType::f64, Device::cpu, sd).to(dt).to(dev);
 }
 
-// One compressed step op by op (the tape path): returns A', B', K'_l and the loss of the input.
+// `steps` compressed steps op by op (the tape path): returns A, B, K_l after them and the loss of
+// the last step's input.
 struct StepOut {
   std::vector<double> A, B, loss;
   std::vector<std::vector<double>> K;
 };
 StepOut tape_step(const SparsePattern& pat, const Tensor& vals, Tensor A, Tensor B, std::vector<Tensor> K, double alpha,
-                  double lr_in, double lr_out) {
+                  double lr_in, double lr_out, int steps = 1) {
   A = A.clone().set_requires_grad(true);
   B = B.clone().set_requires_grad(true);
   for (Tensor& k : K) k = k.clone().set_requires_grad(true);
-  Tensor Kp = K[0];
-  for (size_t l = 1; l < K.size(); ++l) Kp = ops::matmul(K[l], Kp);
-  Tensor loss = ops::sq_error(ops::sampled_dot(ops::matmul(A, Kp), B, pat), vals, alpha);
   StepOut o;
-  o.loss = loss.to_double();
-  backward(loss);
-  std::vector<Tensor> ps{A, B};
-  std::vector<double> lrs{lr_out, lr_out};
-  for (Tensor& k : K) {
-    ps.push_back(k);
-    lrs.push_back(lr_in);
+  for (int s = 0; s < steps; ++s) {
+    Tensor Kp = K[0];
+    for (size_t l = 1; l < K.size(); ++l) Kp = ops::matmul(K[l], Kp);
+    Tensor loss = ops::sq_error(ops::sampled_dot(ops::matmul(A, Kp), B, pat), vals, alpha);
+    o.loss = loss.to_double();
+    backward(loss);
+    std::vector<Tensor> ps{A, B};
+    std::vector<double> lrs{lr_out, lr_out};
+    for (Tensor& k : K) {
+      ps.push_back(k);
+      lrs.push_back(lr_in);
+    }
+    sgd_step(ps, lrs);
   }
-  sgd_step(ps, lrs);
   o.A = A.to_double();
   o.B = B.to_double();
   for (Tensor& k : K) o.K.push_back(k.to_double());
   return o;
 }
 
-StepOut fused_step(const SparsePattern& pat, const Tensor& vals, const Tensor& A, const Tensor& B,
-                   const std::vector<Tensor>& K0, double alpha, double lr_in, double lr_out) {
-  const Device dev = A.device();
+StepOut fused_step(const SparsePattern& pat, const Tensor& vals, const Tensor& A0, const Tensor& B0,
+                   const std::vector<Tensor>& K0, double alpha, double lr_in, double lr_out, int steps = 1) {
+  const Device dev = A0.device();
   std::vector<Tensor> K;
   for (const Tensor& k : K0) K.push_back(k.clone());
-  Tensor Ao = Tensor::zeros(A.shape(), A.dtype(), dev), Bo = Tensor::zeros(B.shape(), B.dtype(), dev);
+  Tensor A = A0.clone(), B = B0.clone();
+  Tensor At = Tensor::zeros(A.shape(), A.dtype(), dev), Bt = Tensor::zeros(B.shape(), B.dtype(), dev);
   Tensor loss = Tensor::zeros(Shape{}, A.dtype(), dev);
   Tensor vcsc = pat.csc_values(vals);
-  const size_t wb = kernels::lowrank_step_workspace_bytes(pat.rows, pat.cols, A.dim(1));
+  const size_t wb = kernels::lowrank_step_workspace_bytes(A.dim(1));
   Tensor work = Tensor::zeros(Shape{int64_t(wb / 4 + 1)}, DType::i32, dev);
-  lowrank_step(pat, vals, vcsc, A, B, Ao, Bo, K, alpha, lr_in, lr_out, loss, work);
+  lowrank_step(pat, vals, vcsc, A, B, At, Bt, K, alpha, lr_in, lr_out, loss, work, steps);
   StepOut o;
-  o.A = Ao.to_double();
-  o.B = Bo.to_double();
+  o.A = A.to_double();
+  o.B = B.to_double();
   o.loss = loss.to_double();
   for (Tensor& k : K) o.K.push_back(k.to_double());
-  if (dev == Device::cuda) CHECK(work.to_int()[0] == 0);  // the ticket counter is reset for the next launch
   return o;
 }
 
@@ -240,7 +243,25 @@ TEST_CASE("fused compressed step equals the op-by-op tape step (CPU, f64 and f32
       for (Tensor& t : K) K32.push_back(t.to(DType::f32));
       compare(fused_step(p, vals.to(DType::f32), A.to(DType::f32), B.to(DType::f32), K32, alpha, lr_in, lr_out), ref,
               1e-5, "f32 fused vs f64 tape");
+      // Several iterations in one call (odd and even counts: the iterate ends in A, B either way).
+      for (int steps : {2, 3}) {
+        CAPTURE(steps);
+        compare(fused_step(p, vals, A, B, K, alpha, lr_in, lr_out, steps),
+                tape_step(p, vals, A, B, K, alpha, lr_in, lr_out, steps), 1e-11, "f64 fused vs tape, several steps");
+      }
     }
+  }
+  {  // bad arguments: clear messages
+    SparsePattern p = random_pattern(7, 5, 0.5, 3, Device::cpu);
+    Tensor v = randn({p.nnz}, 4), A = randn({7, 2}, 5), B = randn({5, 2}, 6);
+    Tensor loss = Tensor::zeros(Shape{}, DType::f64), work = Tensor::zeros(Shape{4096}, DType::i32);
+    std::vector<Tensor> K{randn({2, 2}, 7)};
+    CHECK_THROWS_WITH_AS(lowrank_step(p, v, v, A, B, A, B, K, 1, 1, 1, loss, work), "lowrank_step: A_tmp and B_tmp must not alias A or B",
+                         std::invalid_argument);
+    CHECK_THROWS_AS(lowrank_step(p, v, v, A, B, randn({7, 3}, 8), randn({5, 2}, 9), K, 1, 1, 1, loss, work),
+                    std::invalid_argument);
+    CHECK_THROWS_AS(lowrank_step(p, v, v, A, B, randn({7, 2}, 8), randn({5, 2}, 9), K, 1, 1, 1, loss, work, -1),
+                    std::invalid_argument);
   }
   CHECK_FALSE(kernels::lowrank_step_supported(DType::f64, 33, 3));
   CHECK_FALSE(kernels::lowrank_step_supported(DType::f64, 32, 16));
@@ -315,18 +336,20 @@ TEST_CASE("sparse ops and the fused step: CPU vs CUDA (f64, f32)") {
         std::vector<Tensor> K;
         for (int l2 = 0; l2 < 3; ++l2) K.push_back(randn({k, k}, uint64_t(70 + l2), dev, dt, 0.4));
         Tensor Ak = randn({300, k}, 74, dev, dt, 0.5), Bk = randn({170, k}, 75, dev, dt, 0.5);
-        StepOut s = fused_step(p, v.detach(), Ak, Bk, K, 1e-3, 2.0, 0.5);
-        res[int(dev)].push_back(s.A);
-        res[int(dev)].push_back(s.B);
-        res[int(dev)].push_back(s.loss);
-        for (auto& kl : s.K) res[int(dev)].push_back(kl);
+        for (int steps : {1, 4, 7}) {  // the grid barrier between iterations, and the final copy of odd counts
+          StepOut s = fused_step(p, v.detach(), Ak, Bk, K, 1e-3, 2.0, 0.5, steps);
+          res[int(dev)].push_back(s.A);
+          res[int(dev)].push_back(s.B);
+          res[int(dev)].push_back(s.loss);
+          for (auto& kl : s.K) res[int(dev)].push_back(kl);
+        }
       }
-      // A large pattern: several rows per warp (grid-strided) and a long last-block reduction.
+      // A large pattern: several rows per warp (grid-strided), many row blocks' partials.
       SparsePattern big = random_pattern(9000, 700, 0.01, 77, dev);
       std::vector<Tensor> K;
       for (int l2 = 0; l2 < 2; ++l2) K.push_back(randn({4, 4}, uint64_t(78 + l2), dev, dt, 0.6));
       StepOut sb = fused_step(big, randn({big.nnz}, 79, dev, dt), randn({9000, 4}, 80, dev, dt, 0.5),
-                              randn({700, 4}, 81, dev, dt, 0.5), K, 1e-4, 2.0, 0.5);
+                              randn({700, 4}, 81, dev, dt, 0.5), K, 1e-4, 2.0, 0.5, 3);
       res[int(dev)].push_back(sb.A);
       res[int(dev)].push_back(sb.B);
       res[int(dev)].push_back(sb.loss);
@@ -365,6 +388,38 @@ TEST_CASE("StepGraph on CUDA: replays equal eager steps; a host sync inside the 
   CHECK(g.replays() == 5);
   CHECK(rel_err(graphed[0].to_double(), eager[0].to_double()) == 0.0);
   CHECK(rel_err(graphed[1].to_double(), eager[1].to_double()) == 0.0);
+  {  // The fused steps (a cooperative launch) captured: replays equal eager launches bit for bit.
+    struct State {
+      Tensor A, B, At, Bt, loss, work;
+      std::vector<Tensor> K;
+    };
+    Tensor vcsc = p.csc_values(v);
+    auto make_state = [&] {
+      State st{randn({64, 6}, 85, Device::cuda, DType::f64, 0.5), randn({48, 6}, 86, Device::cuda, DType::f64, 0.5),
+               Tensor::zeros(Shape{64, 6}, DType::f64, Device::cuda), Tensor::zeros(Shape{48, 6}, DType::f64, Device::cuda),
+               Tensor::zeros(Shape{}, DType::f64, Device::cuda),
+               Tensor::zeros(Shape{int64_t(kernels::lowrank_step_workspace_bytes(6) / 4)}, DType::i32, Device::cuda),
+               {}};
+      for (int l = 0; l < 3; ++l) st.K.push_back(randn({6, 6}, uint64_t(87 + l), Device::cuda, DType::f64, 0.4));
+      return st;
+    };
+    State e = make_state(), c = make_state();
+    auto fused = [&](State& st) {
+      lowrank_step(p, v, vcsc, st.A, st.B, st.At, st.Bt, st.K, 0.1, 0.5, 0.5, st.loss, st.work, 3);
+    };
+    StepGraph fg([&] { fused(c); }, Device::cuda, StepGraph::Options{true, 1, "fused steps"});
+    for (int i = 0; i < 4; ++i) {
+      fused(e);
+      fg.run();
+    }
+    CHECK(fg.captured());
+    CHECK(fg.replays() == 3);
+    CHECK(rel_err(c.A.to_double(), e.A.to_double()) == 0.0);
+    CHECK(rel_err(c.B.to_double(), e.B.to_double()) == 0.0);
+    CHECK(rel_err(c.K[2].to_double(), e.K[2].to_double()) == 0.0);
+    CHECK(c.loss.item() == e.loss.item());
+    CHECK(std::isfinite(e.loss.item()));
+  }
   StepGraph bad([&] { (void)v.item(); }, Device::cuda, StepGraph::Options{true, 0, "syncing step"});
   try {
     bad.run();

@@ -142,80 +142,87 @@ void sgd_multi(DType dt, const SgdItem* items, int n_items, bool zero_grad, cuda
 void lowrank_step(const LowrankStep& a, cudaStream_t) {
   if (!lowrank_step_supported(a.dt, a.k, a.L))
     throw std::invalid_argument("kernels::cpu::lowrank_step: unsupported dtype/k/L (see lowrank_step_supported)");
+  if (a.steps < 0) throw std::invalid_argument("kernels::cpu::lowrank_step: negative step count");
   dispatch(a.dt, "lowrank_step", [&](auto z) {
     using T = decltype(z);
     const int64_t k = a.k, L = a.L, kk = k * k;
-    const T* A = static_cast<const T*>(a.A);
-    const T* B = static_cast<const T*>(a.B);
+    T* A = static_cast<T*>(a.A);
+    T* B = static_cast<T*>(a.B);
     const T* vr = static_cast<const T*>(a.vals_csr);
     const T* vc = static_cast<const T*>(a.vals_csc);
-    T* Ao = static_cast<T*>(a.A_out);
-    T* Bo = static_cast<T*>(a.B_out);
-    std::vector<const T*> K(static_cast<size_t>(L));
-    for (int64_t l = 0; l < L; ++l) K[size_t(l)] = static_cast<const T*>(a.K[l]);
-    // Prefix products Pre_l = K_{l-1}⋯K_1 (Pre_1 = I); Kp = K_L·Pre_L.
-    std::vector<T> pre(static_cast<size_t>(size_t(L * kk))), kp(static_cast<size_t>(size_t(kk)));
-    for (int64_t i = 0; i < kk; ++i) pre[size_t(i)] = (i / k == i % k) ? T(1) : T(0);
-    for (int64_t l = 1; l < L; ++l) mm(K[size_t(l - 1)], &pre[size_t((l - 1) * kk)], &pre[size_t(l * kk)], k);
-    mm(K[size_t(L - 1)], &pre[size_t((L - 1) * kk)], kp.data(), k);
+    T* Ao = static_cast<T*>(a.A_tmp);
+    T* Bo = static_cast<T*>(a.B_tmp);
+    std::vector<T*> K(static_cast<size_t>(L));
+    for (int64_t l = 0; l < L; ++l) K[size_t(l)] = static_cast<T*>(a.K[l]);
     const T alpha = T(a.alpha);
-    std::vector<T> p(static_cast<size_t>(size_t(k))), g(static_cast<size_t>(size_t(k))), gkp(size_t(kk), T(0));
-    T loss = 0;
-    // Row owners.
-    for (int64_t i = 0; i < a.rows; ++i) {
-      const T* ai = A + i * k;
-      for (int64_t c = 0; c < k; ++c) {
-        T s = 0;
-        for (int64_t t = 0; t < k; ++t) s += ai[t] * kp[size_t(t * k + c)];
-        p[size_t(c)] = s;
-      }
-      std::fill(g.begin(), g.end(), T(0));
-      for (int64_t e = a.row_ptr[i]; e < a.row_ptr[i + 1]; ++e) {
-        const T* bj = B + int64_t(a.col_idx[e]) * k;
-        T r = 0;
-        for (int64_t c = 0; c < k; ++c) r += p[size_t(c)] * bj[c];
-        r -= vr[e];
-        loss += r * r;
-        for (int64_t c = 0; c < k; ++c) g[size_t(c)] += r * bj[c];
-      }
-      for (int64_t c = 0; c < k; ++c) g[size_t(c)] *= alpha;
-      for (int64_t t = 0; t < k; ++t) {
-        T s = 0;
-        for (int64_t c = 0; c < k; ++c) s += g[size_t(c)] * kp[size_t(t * k + c)];
-        Ao[i * k + t] = ai[t] - T(a.lr_outer) * s;
-      }
-      for (int64_t t = 0; t < k; ++t)
-        for (int64_t c = 0; c < k; ++c) gkp[size_t(t * k + c)] += ai[t] * g[size_t(c)];
-    }
-    // Column owners.
-    std::vector<T> pe(static_cast<size_t>(size_t(k)));
-    for (int64_t j = 0; j < a.cols; ++j) {
-      const T* bj = B + j * k;
-      std::fill(g.begin(), g.end(), T(0));
-      for (int64_t e = a.col_ptr[j]; e < a.col_ptr[j + 1]; ++e) {
-        const T* ai = A + int64_t(a.csc_row[e]) * k;
+    std::vector<T> pre(static_cast<size_t>(size_t(L * kk))), kp(static_cast<size_t>(size_t(kk)));
+    std::vector<T> p(static_cast<size_t>(size_t(k))), g(static_cast<size_t>(size_t(k))), q(static_cast<size_t>(size_t(k)));
+    std::vector<T> X(static_cast<size_t>(size_t(L * kk))), gk(static_cast<size_t>(size_t(L * kk)));
+    for (int64_t step = 0; step < a.steps; ++step) {
+      // Prefix products Pre_l = K_{l-1}⋯K_1 (Pre_1 = I); Kp = K_L·Pre_L.
+      for (int64_t i = 0; i < kk; ++i) pre[size_t(i)] = (i / k == i % k) ? T(1) : T(0);
+      for (int64_t l = 1; l < L; ++l) mm<T>(K[size_t(l - 1)], &pre[size_t((l - 1) * kk)], &pre[size_t(l * kk)], k);
+      mm<T>(K[size_t(L - 1)], &pre[size_t((L - 1) * kk)], kp.data(), k);
+      std::vector<T> gkp(size_t(kk), T(0));
+      T loss = 0;
+      // Row owners: P_i = A_i Kp, gP_i = alpha Σ_e r_e B_j, A'_i = A_i − lr_outer gP_i Kpᵀ, gKp += A_iᵀ gP_i.
+      for (int64_t i = 0; i < a.rows; ++i) {
+        const T* ai = A + i * k;
         for (int64_t c = 0; c < k; ++c) {
           T s = 0;
           for (int64_t t = 0; t < k; ++t) s += ai[t] * kp[size_t(t * k + c)];
-          pe[size_t(c)] = s;
+          p[size_t(c)] = s;
         }
-        T r = 0;
-        for (int64_t c = 0; c < k; ++c) r += pe[size_t(c)] * bj[c];
-        r -= vc[e];
-        for (int64_t c = 0; c < k; ++c) g[size_t(c)] += r * pe[size_t(c)];
+        std::fill(g.begin(), g.end(), T(0));
+        for (int64_t e = a.row_ptr[i]; e < a.row_ptr[i + 1]; ++e) {
+          const T* bj = B + int64_t(a.col_idx[e]) * k;
+          T r = 0;
+          for (int64_t c = 0; c < k; ++c) r += p[size_t(c)] * bj[c];
+          r -= vr[e];
+          loss += r * r;
+          for (int64_t c = 0; c < k; ++c) g[size_t(c)] += r * bj[c];
+        }
+        for (int64_t c = 0; c < k; ++c) g[size_t(c)] *= alpha;
+        for (int64_t t = 0; t < k; ++t) {
+          T s = 0;
+          for (int64_t c = 0; c < k; ++c) s += g[size_t(c)] * kp[size_t(t * k + c)];
+          Ao[i * k + t] = ai[t] - T(a.lr_outer) * s;
+        }
+        for (int64_t t = 0; t < k; ++t)
+          for (int64_t c = 0; c < k; ++c) gkp[size_t(t * k + c)] += ai[t] * g[size_t(c)];
       }
-      for (int64_t c = 0; c < k; ++c) Bo[j * k + c] = bj[c] - T(a.lr_outer) * alpha * g[size_t(c)];
+      // Column owners: Q_j = Kp B_jᵀ, B'_j = B_j − lr_outer alpha (Σ_e r_e A_i) Kp.
+      for (int64_t j = 0; j < a.cols; ++j) {
+        const T* bj = B + j * k;
+        for (int64_t t = 0; t < k; ++t) {
+          T s = 0;
+          for (int64_t c = 0; c < k; ++c) s += kp[size_t(t * k + c)] * bj[c];
+          q[size_t(t)] = s;
+        }
+        std::fill(g.begin(), g.end(), T(0));
+        for (int64_t e = a.col_ptr[j]; e < a.col_ptr[j + 1]; ++e) {
+          const T* ai = A + int64_t(a.csc_row[e]) * k;
+          T r = 0;
+          for (int64_t t = 0; t < k; ++t) r += ai[t] * q[size_t(t)];
+          r -= vc[e];
+          for (int64_t t = 0; t < k; ++t) g[size_t(t)] += r * ai[t];
+        }
+        for (int64_t c = 0; c < k; ++c) {
+          T s = 0;
+          for (int64_t t = 0; t < k; ++t) s += g[size_t(t)] * kp[size_t(t * k + c)];
+          Bo[j * k + c] = bj[c] - T(a.lr_outer) * alpha * s;
+        }
+      }
+      // gK_l = X_l · Pre_lᵀ with X_L = gKp, X_l = K_{l+1}ᵀ X_{l+1}; all from the old K, then update.
+      std::copy(gkp.begin(), gkp.end(), X.begin() + (L - 1) * kk);
+      for (int64_t l = L - 2; l >= 0; --l) mm<T>(K[size_t(l + 1)], &X[size_t((l + 1) * kk)], &X[size_t(l * kk)], k, true);
+      for (int64_t l = 0; l < L; ++l) mm<T>(&X[size_t(l * kk)], &pre[size_t(l * kk)], &gk[size_t(l * kk)], k, false, true);
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t i = 0; i < kk; ++i) K[size_t(l)][i] -= T(a.lr_inner) * gk[size_t(l * kk + i)];
+      std::copy(Ao, Ao + a.rows * k, A);
+      std::copy(Bo, Bo + a.cols * k, B);
+      *static_cast<T*>(a.loss) = T(0.5) * alpha * loss;
     }
-    // gK_l = X_l · Pre_lᵀ with X_L = gKp, X_l = K_{l+1}ᵀ X_{l+1}; all from the old K, then update.
-    std::vector<T> X(static_cast<size_t>(size_t(L * kk))), gk(static_cast<size_t>(size_t(L * kk)));
-    std::copy(gkp.begin(), gkp.end(), X.begin() + (L - 1) * kk);
-    for (int64_t l = L - 2; l >= 0; --l) mm(K[size_t(l + 1)], &X[size_t((l + 1) * kk)], &X[size_t(l * kk)], k, true);
-    for (int64_t l = 0; l < L; ++l) mm(&X[size_t(l * kk)], &pre[size_t(l * kk)], &gk[size_t(l * kk)], k, false, true);
-    for (int64_t l = 0; l < L; ++l) {
-      T* Kl = static_cast<T*>(a.K[l]);
-      for (int64_t i = 0; i < kk; ++i) Kl[i] -= T(a.lr_inner) * gk[size_t(l * kk + i)];
-    }
-    *static_cast<T*>(a.loss) = T(0.5) * alpha * loss;
   });
 }
 

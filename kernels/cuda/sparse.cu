@@ -1,7 +1,8 @@
 // CUDA kernels of kernels/sparse.h. Row/column ownership instead of atomics: a sparse-dense product
 // gives each output element (spmm_acc) or row (lowrank_step) one owner that walks its entries in
 // pattern order; reductions go through per-block partials summed in block order (two launches, or
-// the last block of the same launch, picked by an integer ticket).
+// every block of a cooperative launch after a grid barrier).
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -160,12 +161,15 @@ template <class T> __global__ void sgd_kernel(const SgdArgs args, bool zero_grad
   }
 }
 
-// ---- the fused compressed step ------------------------------------------------------------------
+// ---- the fused compressed steps (a persistent cooperative kernel) ------------------------------------
+
+constexpr int kLrThreads = kLowrankThreads;
+constexpr int kLrWarps = kLrThreads / 32;
 
 // C = op(A) · op(B) for k x k row-major matrices in shared memory, by the whole block.
 template <class T>
 __device__ void block_mm(const T* A, const T* B, T* C, int k, bool ta, bool tb) {
-  for (int o = threadIdx.x; o < k * k; o += kThreads) {
+  for (int o = threadIdx.x; o < k * k; o += kLrThreads) {
     const int i = o / k, j = o - i * k;
     T s = T(0);
     for (int t = 0; t < k; ++t) s += (ta ? A[t * k + i] : A[i * k + t]) * (tb ? B[j * k + t] : B[t * k + j]);
@@ -173,250 +177,303 @@ __device__ void block_mm(const T* A, const T* B, T* C, int k, bool ta, bool tb) 
   }
 }
 
-// KK: compile-time bound on k (register arrays), runtime k <= KK.
-template <class T, int KK>
-__global__ void __launch_bounds__(kThreads) lowrank_step_kernel(const LowrankStep a, int nb_row, int nb_col) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sm = reinterpret_cast<T*>(smem_raw);
-  const int k = int(a.k), L = int(a.L), kk = k * k;
-  T* sKp = sm;              // kk
-  T* sAcc = sKp + kk;       // kk
-  T* sRow = sAcc + kk;      // kWarps x 64: a row of A and its gP (row side)
-  T* sRed = sRow + kWarps * 64;  // 16
-  T* sLast = sRed + 16;     // last block: K (L kk), Pre (L kk), X (L kk), G (kk)
-  __shared__ int s_is_last;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const T alpha = T(a.alpha), lr_outer = T(a.lr_outer);
+template <class T> struct Vec2;
+template <> struct Vec2<double> { using type = double2; };
+template <> struct Vec2<float> { using type = float2; };
 
-  // Kp = K_L ⋯ K_1, ping-ponging between sAcc and sKp so that it ends in sKp.
-  {
-    T* cur = ((L - 1) % 2 == 0) ? sKp : sAcc;
-    T* nxt = cur == sKp ? sAcc : sKp;
-    const T* K1 = static_cast<const T*>(a.K[0]);
-    for (int o = tid; o < kk; o += kThreads) cur[o] = K1[o];
-    __syncthreads();
-    for (int l = 1; l < L; ++l) {
-      const T* Kl = static_cast<const T*>(a.K[l]);
-      for (int o = tid; o < kk; o += kThreads) {
-        const int i = o / k, j = o - i * k;
-        T s = T(0);
-        for (int t = 0; t < k; ++t) s += Kl[i * k + t] * cur[t * k + j];
-        nxt[o] = s;
+// v[0..k) = src[0..k), zeros past k. Plain loads (not the read-only path): A and B are rewritten by
+// other blocks between the iterations of one launch, and the grid barrier orders those writes.
+template <class T, int KK> __device__ __forceinline__ void load_row(const T* src, int k, T (&v)[KK]) {
+  if constexpr (KK % 2 == 0) {
+    if (k == KK) {  // rows of an even width are 2-element aligned (buffers are 256-byte aligned)
+      using V = typename Vec2<T>::type;
+      const V* s = reinterpret_cast<const V*>(src);
+#pragma unroll
+      for (int u = 0; u < KK / 2; ++u) {
+        const V x = s[u];
+        v[2 * u] = x.x;
+        v[2 * u + 1] = x.y;
       }
-      __syncthreads();
-      T* sw = cur; cur = nxt; nxt = sw;
+      return;
     }
   }
+#pragma unroll
+  for (int t = 0; t < KK; ++t) v[t] = t < k ? src[t] : T(0);
+}
 
-  const T* __restrict__ A = static_cast<const T*>(a.A);
-  const T* __restrict__ B = static_cast<const T*>(a.B);
-  unsigned* counter = static_cast<unsigned*>(a.work);
-  T* partL = reinterpret_cast<T*>(static_cast<char*>(a.work) + 256);  // [nb_row]
-  T* partK = partL + nb_row;                                            // [kk][nb_row]
+template <class T, int KK> __device__ __forceinline__ T dot(const T (&x)[KK], const T (&y)[KK]) {
+  T s = T(0);
+#pragma unroll
+  for (int c = 0; c < KK; ++c) s += x[c] * y[c];
+  return s;
+}
 
-  if (int(blockIdx.x) < nb_row) {
-    // ---- row owners: residuals, gP_i, A_out, the block's share of gKp = Σ_i A_iᵀ gP_i, the loss.
-    constexpr int NQ = (KK * KK + 31) / 32;
-    T gk[NQ];
-#pragma unroll
-    for (int q = 0; q < NQ; ++q) gk[q] = T(0);
-    T lsum = T(0);
-    const T* __restrict__ vals = static_cast<const T*>(a.vals_csr);
-    T* Ao = static_cast<T*>(a.A_out);
-    T* myrow = sRow + warp * 64;
-    for (int64_t i = int64_t(blockIdx.x) * kWarps + warp; i < a.rows; i += int64_t(nb_row) * kWarps) {
-      T av[KK], p[KK], g[KK];
-#pragma unroll
-      for (int t = 0; t < KK; ++t) av[t] = t < k ? A[i * k + t] : T(0);
-#pragma unroll
-      for (int c = 0; c < KK; ++c) {
-        T s = T(0);
-#pragma unroll
-        for (int t = 0; t < KK; ++t)
-          if (t < k && c < k) s += av[t] * sKp[t * k + c];
-        p[c] = s;
-        g[c] = T(0);
-      }
-      T ls = T(0);
-      const int32_t e1 = a.row_ptr[i + 1];
-      for (int32_t e = a.row_ptr[i] + lane; e < e1; e += 32) {
-        const T* bj = B + int64_t(a.col_idx[e]) * k;
-        T b[KK];
-#pragma unroll
-        for (int c = 0; c < KK; ++c) b[c] = c < k ? bj[c] : T(0);
-        T r = -vals[e];
-#pragma unroll
-        for (int c = 0; c < KK; ++c) r += p[c] * b[c];
-        ls += r * r;
-#pragma unroll
-        for (int c = 0; c < KK; ++c) g[c] += r * b[c];
-      }
-#pragma unroll
-      for (int c = 0; c < KK; ++c) g[c] = alpha * warp_sum(g[c]);
-      lsum += warp_sum(ls);
-      // A_out[i, t] = A[i, t] - lr_outer · (gP_i · Kpᵀ)_t, lane t writes column t.
-#pragma unroll
-      for (int t = 0; t < KK; ++t) {
-        if (t < k && lane == t) {
-          T s = T(0);
-#pragma unroll
-          for (int c = 0; c < KK; ++c)
-            if (c < k) s += g[c] * sKp[t * k + c];
-          Ao[i * k + t] = av[t] - lr_outer * s;
-          myrow[t] = av[t];
-          myrow[32 + t] = g[t];
-        }
-      }
-      __syncwarp();
-#pragma unroll
-      for (int q = 0; q < NQ; ++q) {
-        const int o = lane + 32 * q;
-        if (o < kk) gk[q] += myrow[o / k] * myrow[32 + o % k];
-      }
-      __syncwarp();
-    }
-    // Combine the warps' gKp shares in warp order, then the block writes its partials.
-    for (int w = 0; w < kWarps; ++w) {
-      if (warp == w) {
-#pragma unroll
-        for (int q = 0; q < NQ; ++q) {
-          const int o = lane + 32 * q;
-          if (o < kk) sAcc[o] = (w == 0 ? T(0) : sAcc[o]) + gk[q];
-        }
-      }
-      __syncthreads();
-    }
-    if (lane == 0) sRed[warp] = lsum;
-    __syncthreads();
-    for (int o = tid; o < kk; o += kThreads) partK[int64_t(o) * nb_row + blockIdx.x] = sAcc[o];
-    if (tid == 0) {
-      T s = T(0);
-      for (int w = 0; w < kWarps; ++w) s += sRed[w];
-      partL[blockIdx.x] = s;
-    }
-  } else {
-    // ---- column owners: B_out[j] = B[j] - lr_outer · alpha · Σ_e r_e · P[i_e], P[i] = A[i]·Kp.
-    const T* __restrict__ vals = static_cast<const T*>(a.vals_csc);
-    T* Bo = static_cast<T*>(a.B_out);
-    const int cb = int(blockIdx.x) - nb_row;
-    for (int64_t j = int64_t(cb) * kWarps + warp; j < a.cols; j += int64_t(nb_col) * kWarps) {
-      T b[KK], g[KK];
-#pragma unroll
-      for (int c = 0; c < KK; ++c) {
-        b[c] = c < k ? B[j * k + c] : T(0);
-        g[c] = T(0);
-      }
-      const int32_t e1 = a.col_ptr[j + 1];
-      for (int32_t e = a.col_ptr[j] + lane; e < e1; e += 32) {
-        const T* ai = A + int64_t(a.csc_row[e]) * k;
-        T av[KK], p[KK];
-#pragma unroll
-        for (int t = 0; t < KK; ++t) av[t] = t < k ? ai[t] : T(0);
-        T r = -vals[e];
-#pragma unroll
-        for (int c = 0; c < KK; ++c) {
-          T s = T(0);
-#pragma unroll
-          for (int t = 0; t < KK; ++t)
-            if (t < k && c < k) s += av[t] * sKp[t * k + c];
-          p[c] = s;
-          r += s * b[c];
-        }
-#pragma unroll
-        for (int c = 0; c < KK; ++c) g[c] += r * p[c];
-      }
-#pragma unroll
-      for (int c = 0; c < KK; ++c) g[c] = warp_sum(g[c]);
-#pragma unroll
-      for (int t = 0; t < KK; ++t)
-        if (t < k && lane == t) Bo[j * k + t] = b[t] - lr_outer * alpha * g[t];
-    }
-  }
-
-  // ---- the last block to finish reduces the partials and updates K_1..K_L.
-  __threadfence();
+// Pre_1 = I, Pre_l = K_{l-1} Pre_{l-1}, Kp = K_L Pre_L, from the K_l in shared memory.
+template <class T> __device__ void lowrank_prefixes(const T* sK, T* sPre, T* sKp, int k, int L) {
+  const int kk = k * k;
+  for (int o = threadIdx.x; o < kk; o += kLrThreads) sPre[o] = (o / k == o % k) ? T(1) : T(0);
   __syncthreads();
-  if (tid == 0) s_is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!s_is_last) return;
-  __threadfence();
-  T* sK = sLast;
-  T* sPre = sK + L * kk;
-  T* sX = sPre + L * kk;
-  T* sG = sX + L * kk;
-  // gKp[o] = Σ_b partK[o][b] in block order. Each entry's blocks are split into `split` contiguous
-  // ranges summed by different threads (loads issued 16 at a time, added in order), and the range
-  // sums are added in range order: a fixed order, whatever the timing.
-  {
-    const int split = max(1, min(8, kThreads / kk));
-    const int per = (nb_row + split - 1) / split;
-    T* sTmp = split > 1 ? sRow : sG;  // sRow is free now and holds kk * split <= kThreads elements
-    for (int w = tid; w < kk * split; w += kThreads) {
-      const int o = w / split, part = w - o * split;
-      const T* src = partK + int64_t(o) * nb_row;
-      const int b0 = part * per, b1 = min(nb_row, b0 + per);
-      T s = T(0);
-      int b = b0;
-      for (; b + 16 <= b1; b += 16) {
-        T v[16];
-#pragma unroll
-        for (int u = 0; u < 16; ++u) v[u] = __ldcg(src + b + u);
-#pragma unroll
-        for (int u = 0; u < 16; ++u) s += v[u];
-      }
-      for (; b < b1; ++b) s += __ldcg(src + b);
-      sTmp[w] = s;
-    }
-    __syncthreads();
-    if (split > 1)
-      for (int o = tid; o < kk; o += kThreads) {
-        T s = T(0);
-        for (int part = 0; part < split; ++part) s += sTmp[o * split + part];
-        sG[o] = s;
-      }
-  }
-  {
-    T s = T(0);
-    for (int b = tid; b < nb_row; b += kThreads) s += __ldcg(partL + b);
-    s = block_sum(s, sRed);
-    if (tid == 0) {
-      *static_cast<T*>(a.loss) = T(0.5) * alpha * s;
-      *counter = 0u;  // ready for the next launch
-    }
-  }
-  for (int l = 0; l < L; ++l) {
-    const T* Kl = static_cast<const T*>(a.K[l]);
-    for (int o = tid; o < kk; o += kThreads) sK[l * kk + o] = Kl[o];
-  }
-  for (int o = tid; o < kk; o += kThreads) sPre[o] = (o / k == o % k) ? T(1) : T(0);
-  __syncthreads();
-  for (int o = tid; o < kk; o += kThreads) sX[(L - 1) * kk + o] = sG[o];
-  __syncthreads();
-  for (int l = 1; l < L; ++l) {  // Pre_l = K_{l-1} Pre_{l-1}
+  for (int l = 1; l < L; ++l) {
     block_mm(sK + (l - 1) * kk, sPre + (l - 1) * kk, sPre + l * kk, k, false, false);
     __syncthreads();
   }
-  for (int l = L - 2; l >= 0; --l) {  // X_l = K_{l+1}ᵀ X_{l+1}
-    block_mm(sK + (l + 1) * kk, sX + (l + 1) * kk, sX + l * kk, k, true, false);
+  block_mm(sK + (L - 1) * kk, sPre + (L - 1) * kk, sKp, k, false, false);
+  __syncthreads();
+}
+
+// KK: compile-time bound on k (register arrays), runtime k <= KK. Blocks [0, nb_row) own rows, the
+// rest own columns; a warp owns a row (column) at a time, grid-strided.
+template <class T, int KK>
+__global__ void __launch_bounds__(kLrThreads, 1) lowrank_steps_kernel(const LowrankStep a, int nb_row, int nb_col) {
+  namespace cg = cooperative_groups;
+  cg::grid_group grid = cg::this_grid();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int k = int(a.k), L = int(a.L), kk = k * k, kk1 = kk + 1;
+  T* sK = reinterpret_cast<T*>(smem_raw);  // L kk
+  T* sPre = sK + L * kk;                   // L kk
+  T* sX = sPre + L * kk;                   // L kk
+  T* sKp = sX + L * kk;                    // kk
+  T* sG = sKp + kk;                        // kk + 1: gKp, then the loss sum
+  T* sRow = sG + kk1;                      // kLrWarps x 64: a row of A and its gP
+  T* sComb = sRow + kLrWarps * 64;         // kLrWarps x (kk + 1): the warps' gKp shares and losses
+  T* sTmp = sComb + kLrWarps * kk1;        // max(kk + 1, kLrThreads): split sums of the partials
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const T alpha = T(a.alpha), lr_outer = T(a.lr_outer), lr_inner = T(a.lr_inner);
+  constexpr int NQ = (KK * KK + 31) / 32;
+
+  for (int o = tid; o < L * kk; o += kLrThreads) sK[o] = static_cast<const T*>(a.K[o / kk])[o % kk];
+  __syncthreads();
+  lowrank_prefixes(sK, sPre, sKp, k, L);
+
+  T* partials = static_cast<T*>(a.work);  // [2][nb_row][kk + 1]
+  for (int64_t step = 0; step < a.steps; ++step) {
+    const bool odd = step & 1;
+    const T* Ain = static_cast<const T*>(odd ? a.A_tmp : a.A);
+    const T* Bin = static_cast<const T*>(odd ? a.B_tmp : a.B);
+    T* part = partials + (odd ? int64_t(nb_row) * kk1 : 0);
+
+    if (int(blockIdx.x) < nb_row) {
+      // ---- row owners
+      T* Ao = static_cast<T*>(odd ? a.A : a.A_tmp);
+      const T* __restrict__ vals = static_cast<const T*>(a.vals_csr);
+      T gk[NQ];
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) gk[q] = T(0);
+      T lsum = T(0);
+      T* myrow = sRow + warp * 64;
+      for (int64_t i = int64_t(blockIdx.x) * kLrWarps + warp; i < a.rows; i += int64_t(nb_row) * kLrWarps) {
+        T p[KK], g[KK];
+        {
+          T av[KK];
+          load_row(Ain + i * k, k, av);
+#pragma unroll
+          for (int c = 0; c < KK; ++c) {
+            T s = T(0);
+#pragma unroll
+            for (int t = 0; t < KK; ++t)
+              if (t < k && c < k) s += av[t] * sKp[t * k + c];
+            p[c] = s;
+            g[c] = T(0);
+          }
+        }
+        T ls = T(0);
+        const int32_t e1 = a.row_ptr[i + 1];
+        // Two entries per lane per pass: their index and row loads are in flight together.
+        for (int32_t e = a.row_ptr[i] + lane; e < e1; e += 64) {
+          const bool two = e + 32 < e1;
+          const int32_t j0 = a.col_idx[e], j1 = two ? a.col_idx[e + 32] : j0;
+          const T y0 = vals[e], y1 = two ? vals[e + 32] : T(0);
+          T b0[KK], b1[KK];
+          load_row(Bin + int64_t(j0) * k, k, b0);
+          load_row(Bin + int64_t(j1) * k, k, b1);
+          const T r0 = dot(p, b0) - y0;
+          const T r1 = two ? dot(p, b1) - y1 : T(0);
+          ls += r0 * r0 + r1 * r1;
+#pragma unroll
+          for (int c = 0; c < KK; ++c) g[c] += r0 * b0[c] + r1 * b1[c];
+        }
+#pragma unroll
+        for (int c = 0; c < KK; ++c) g[c] = alpha * warp_sum(g[c]);
+        lsum += warp_sum(ls);
+        T av[KK];
+        load_row(Ain + i * k, k, av);
+        // A'[i, t] = A[i, t] − lr_outer · (gP_i · Kpᵀ)_t; lane t writes column t.
+#pragma unroll
+        for (int t = 0; t < KK; ++t) {
+          if (t < k && lane == t) {
+            T s = T(0);
+#pragma unroll
+            for (int c = 0; c < KK; ++c)
+              if (c < k) s += g[c] * sKp[t * k + c];
+            Ao[i * k + t] = av[t] - lr_outer * s;
+            myrow[t] = av[t];
+            myrow[32 + t] = g[t];
+          }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int q = 0; q < NQ; ++q) {
+          const int o = lane + 32 * q;
+          if (o < kk) gk[q] += myrow[o / k] * myrow[32 + o % k];
+        }
+        __syncwarp();
+      }
+      // The block's partial: its warps' shares summed in warp order.
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) {
+        const int o = lane + 32 * q;
+        if (o < kk) sComb[warp * kk1 + o] = gk[q];
+      }
+      if (lane == 0) sComb[warp * kk1 + kk] = lsum;
+      __syncthreads();
+      for (int o = tid; o < kk1; o += kLrThreads) {
+        T s = T(0);
+        for (int w = 0; w < kLrWarps; ++w) s += sComb[w * kk1 + o];
+        part[int64_t(blockIdx.x) * kk1 + o] = s;
+      }
+    } else {
+      // ---- column owners: B'_j = B_j − lr_outer · alpha · (Σ_e r_e A_{i_e}) · Kp, r_e = A_{i_e} · Q_j − y_e.
+      T* Bo = static_cast<T*>(odd ? a.B : a.B_tmp);
+      const T* __restrict__ vals = static_cast<const T*>(a.vals_csc);
+      const int cb = int(blockIdx.x) - nb_row;
+      for (int64_t j = int64_t(cb) * kLrWarps + warp; j < a.cols; j += int64_t(nb_col) * kLrWarps) {
+        T q[KK], g[KK];
+        {
+          T bv[KK];
+          load_row(Bin + j * k, k, bv);
+#pragma unroll
+          for (int t = 0; t < KK; ++t) {
+            T s = T(0);
+#pragma unroll
+            for (int c = 0; c < KK; ++c)
+              if (t < k && c < k) s += sKp[t * k + c] * bv[c];
+            q[t] = s;
+            g[t] = T(0);
+          }
+        }
+        const int32_t e1 = a.col_ptr[j + 1];
+        for (int32_t e = a.col_ptr[j] + lane; e < e1; e += 64) {
+          const bool two = e + 32 < e1;
+          const int32_t i0 = a.csc_row[e], i1 = two ? a.csc_row[e + 32] : i0;
+          const T y0 = vals[e], y1 = two ? vals[e + 32] : T(0);
+          T a0[KK], a1[KK];
+          load_row(Ain + int64_t(i0) * k, k, a0);
+          load_row(Ain + int64_t(i1) * k, k, a1);
+          const T r0 = dot(a0, q) - y0;
+          const T r1 = two ? dot(a1, q) - y1 : T(0);
+#pragma unroll
+          for (int t = 0; t < KK; ++t) g[t] += r0 * a0[t] + r1 * a1[t];
+        }
+#pragma unroll
+        for (int t = 0; t < KK; ++t) g[t] = warp_sum(g[t]);
+        T bv[KK];
+        load_row(Bin + j * k, k, bv);
+#pragma unroll
+        for (int c = 0; c < KK; ++c) {
+          if (c < k && lane == c) {
+            T s = T(0);
+#pragma unroll
+            for (int t = 0; t < KK; ++t)
+              if (t < k) s += g[t] * sKp[t * k + c];
+            Bo[j * k + c] = bv[c] - lr_outer * alpha * s;
+          }
+        }
+      }
+    }
+
+    grid.sync();
+
+    // ---- every block: gKp and the loss from the partials, in block order. Entry o's blocks are split
+    // into `split` contiguous ranges summed by different threads (loads issued 8 at a time, added in
+    // order); the range sums are then added in range order.
+    {
+      const int split = max(1, min(kLrThreads / kk1, nb_row));
+      const int per = (nb_row + split - 1) / split;
+      for (int w = tid; w < kk1 * split; w += kLrThreads) {
+        const int r = w / kk1, o = w - r * kk1;
+        const int b0 = r * per, b1 = min(nb_row, b0 + per);
+        const T* src = part + o;
+        T s = T(0);
+        int b = b0;
+        for (; b + 8 <= b1; b += 8) {
+          T v[8];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) v[u] = __ldcg(src + int64_t(b + u) * kk1);
+#pragma unroll
+          for (int u = 0; u < 8; ++u) s += v[u];
+        }
+        for (; b < b1; ++b) s += __ldcg(src + int64_t(b) * kk1);
+        sTmp[w] = s;
+      }
+      __syncthreads();
+      for (int o = tid; o < kk1; o += kLrThreads) {
+        T s = T(0);
+        for (int r = 0; r < split; ++r) s += sTmp[r * kk1 + o];
+        sG[o] = s;
+      }
+      __syncthreads();
+    }
+    // gK_l = X_l · Pre_lᵀ with X_L = gKp, X_l = K_{l+1}ᵀ X_{l+1} (old K), then K_l −= lr_inner · gK_l.
+    for (int o = tid; o < kk; o += kLrThreads) sX[(L - 1) * kk + o] = sG[o];
     __syncthreads();
+    for (int l = L - 2; l >= 0; --l) {
+      block_mm(sK + (l + 1) * kk, sX + (l + 1) * kk, sX + l * kk, k, true, false);
+      __syncthreads();
+    }
+    for (int o = tid; o < L * kk; o += kLrThreads) {
+      const int l = o / kk, e = o - l * kk, i = e / k, j = e - i * k;
+      const T* X = sX + l * kk;
+      const T* P = sPre + l * kk;
+      T s = T(0);
+      for (int t = 0; t < k; ++t) s += X[i * k + t] * P[j * k + t];
+      sK[o] -= lr_inner * s;
+    }
+    __syncthreads();
+    lowrank_prefixes(sK, sPre, sKp, k, L);
+    if (step == a.steps - 1 && blockIdx.x == 0) {
+      for (int o = tid; o < L * kk; o += kLrThreads) static_cast<T*>(a.K[o / kk])[o % kk] = sK[o];
+      if (tid == 0) *static_cast<T*>(a.loss) = T(0.5) * alpha * sG[kk];
+    }
   }
-  const T lr_inner = T(a.lr_inner);
-  for (int o = tid; o < L * kk; o += kThreads) {  // K_l -= lr · X_l Pre_lᵀ
-    const int l = o / kk, e = o - l * kk, i = e / k, j = e - i * k;
-    const T* X = sX + l * kk;
-    const T* P = sPre + l * kk;
-    T s = T(0);
-    for (int t = 0; t < k; ++t) s += X[i * k + t] * P[j * k + t];
-    static_cast<T*>(a.K[l])[e] = sK[o] - lr_inner * s;
+  if (a.steps & 1) {  // the last iterate is in A_tmp, B_tmp
+    grid.sync();
+    const int64_t stride = int64_t(gridDim.x) * kLrThreads;
+    for (int64_t x = int64_t(blockIdx.x) * kLrThreads + tid; x < a.rows * k; x += stride)
+      static_cast<T*>(a.A)[x] = __ldcg(static_cast<const T*>(a.A_tmp) + x);
+    for (int64_t x = int64_t(blockIdx.x) * kLrThreads + tid; x < a.cols * k; x += stride)
+      static_cast<T*>(a.B)[x] = __ldcg(static_cast<const T*>(a.B_tmp) + x);
   }
 }
 
+// Blocks of the cooperative grid: rows and columns split the device's co-resident blocks, at most
+// one warp per row (column) and at most kLowrankMaxRowBlocks row blocks.
 template <class T, int KK> void launch_lowrank(const LowrankStep& a, cudaStream_t s) {
-  const int nb_row = int(lowrank_row_blocks(a.rows));
-  const int nb_col = int(std::max<int64_t>(1, std::min<int64_t>((a.cols + kWarps - 1) / kWarps, 1024)));
+  auto kernel = lowrank_steps_kernel<T, KK>;
   const size_t smem = size_t(lowrank_step_smem_elems(a.k, a.L)) * sizeof(T);
-  lowrank_step_kernel<T, KK><<<nb_row + nb_col, kThreads, smem, s>>>(a, nb_row, nb_col);
-  CUDA_CHECK_LAUNCH();
+  int dev = 0, sms = 0, per_sm = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if (smem > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kLrThreads, smem));
+  const int64_t capacity = int64_t(per_sm) * sms;
+  if (capacity < 2)
+    throw std::runtime_error("kernels::cuda::lowrank_step: the device holds " + std::to_string(capacity) +
+                             " co-resident blocks of the fused kernel (needs 2); use the op-by-op step");
+  const int64_t need_r = std::max<int64_t>(1, (a.rows + kLrWarps - 1) / kLrWarps);
+  const int64_t need_c = std::max<int64_t>(1, (a.cols + kLrWarps - 1) / kLrWarps);
+  const int nb_row = int(std::min({need_r, int64_t(kLowrankMaxRowBlocks), std::max<int64_t>(1, capacity / 2)}));
+  const int nb_col = int(std::min(need_c, capacity - nb_row));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(nb_row + nb_col));
+  cfg.blockDim = dim3(kLrThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, nb_row, nb_col));
 }
 
 // ---- recovery error over the unobserved entries --------------------------------------------------
@@ -550,6 +607,8 @@ void sgd_multi(DType dt, const SgdItem* items, int n_items, bool zero_grad, cuda
 void lowrank_step(const LowrankStep& a, cudaStream_t s) {
   if (!lowrank_step_supported(a.dt, a.k, a.L))
     throw std::invalid_argument("kernels::cuda::lowrank_step: unsupported dtype/k/L (see lowrank_step_supported)");
+  if (a.steps < 0) throw std::invalid_argument("kernels::cuda::lowrank_step: negative step count");
+  if (a.steps == 0) return;
   dispatch(a.dt, "lowrank_step", [&](auto z) {
     using T = decltype(z);
     const int64_t k = a.k;
