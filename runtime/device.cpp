@@ -184,6 +184,36 @@ AllocatorStats CudaAllocator::stats() const {
 
 CudaAllocator::~CudaAllocator() = default;
 
+SideStream::SideStream(bool on_gpu) {
+  if (!on_gpu) return;
+  cuda_ctx();
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  cudaEvent_t f = nullptr, j = nullptr;
+  CUDA_CHECK(cudaEventCreateWithFlags(&f, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventCreateWithFlags(&j, cudaEventDisableTiming));
+  fork_event_ = f;
+  join_event_ = j;
+}
+
+SideStream::~SideStream() {
+  if (!stream_) return;
+  cudaEventDestroy(static_cast<cudaEvent_t>(fork_event_));
+  cudaEventDestroy(static_cast<cudaEvent_t>(join_event_));
+  cudaStreamDestroy(stream_);  // queued work still completes
+}
+
+void SideStream::fork() {
+  if (!stream_) return;
+  CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(fork_event_), cuda_ctx().stream));
+  CUDA_CHECK(cudaStreamWaitEvent(stream_, static_cast<cudaEvent_t>(fork_event_), 0));
+}
+
+void SideStream::join() {
+  if (!stream_) return;
+  CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(join_event_), stream_));
+  CUDA_CHECK(cudaStreamWaitEvent(cuda_ctx().stream, static_cast<cudaEvent_t>(join_event_), 0));
+}
+
 #else  // no CUDA in this build
 
 bool cuda_available() { return false; }
@@ -198,6 +228,12 @@ void CudaAllocator::end_private_pool() {}
 void CudaAllocator::empty_cache() {}
 AllocatorStats CudaAllocator::stats() const { return st_; }
 CudaAllocator::~CudaAllocator() = default;
+SideStream::SideStream(bool on_gpu) {
+  if (on_gpu) throw std::runtime_error("SideStream: " + cuda_unavailable_reason());
+}
+SideStream::~SideStream() = default;
+void SideStream::fork() {}
+void SideStream::join() {}
 
 #endif
 

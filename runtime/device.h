@@ -65,6 +65,29 @@ struct DeviceContext {
   int sm_count = 0;
 };
 
+// A second stream for work that may overlap the context's stream, ordered against it by events
+// only: fork() makes it wait for everything queued so far on the context's stream, join() makes the
+// context's stream wait for everything queued so far on it. Both are captured by a CUDA graph like
+// any launch (a forked stream joins the capture; join before the capture ends). Tensors used on it
+// must be allocated before and freed after (the caching allocator orders frees on the context's
+// stream only). On the CPU, or without CUDA, get() is null and fork/join do nothing: work runs in
+// the order it is issued.
+class SideStream {
+ public:
+  explicit SideStream(bool on_gpu);
+  ~SideStream();
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  cudaStream_t get() const { return stream_; }
+  void fork();
+  void join();
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  void* fork_event_ = nullptr;  // cudaEvent_t
+  void* join_event_ = nullptr;
+};
+
 // The process's context, created on first use on `select_device` (default 0). Throws if no GPU.
 DeviceContext& cuda_ctx();
 void select_device(int device);  // before first cuda_ctx(); used by the distributed launcher

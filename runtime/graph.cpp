@@ -18,7 +18,7 @@ thread_local int g_capturing = 0;
 
 constexpr const char* kHint =
     "Inside a captured step nothing may synchronize with the host (Tensor::item / to_double, a device-to-host "
-    "copy, cudaStreamSynchronize) or use another stream; run the step eagerly (--graph off) to find the culprit";
+    "copy, cudaStreamSynchronize) or use another stream except through SideStream fork/join; run the step eagerly (--graph off) to find the culprit";
 
 }  // namespace
 

@@ -13,7 +13,8 @@
 //   Cost of that pool: blocks freed by *any* code between replays are held too until the graph is
 //   destroyed. Keep allocating code out of the training loop, or capture it as a second StepGraph.
 // - What the step may not do: synchronize with the host (Tensor::item, to_double, a device-to-host
-//   copy, cudaStreamSynchronize), use another stream, or depend on host values that change between
+//   copy, cudaStreamSynchronize), use another stream other than a SideStream forked from and joined
+//   back to the context's stream (runtime/device.h), or depend on host values that change between
 //   calls (they are frozen into the graph). A sync inside the capture throws std::runtime_error
 //   naming the graph and the likely cause; the failed capture is discarded.
 // On the CPU, or with capture disabled, run() simply calls the function.
