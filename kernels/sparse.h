@@ -84,6 +84,10 @@ inline size_t lowrank_step_workspace_bytes(int64_t k) {
   /* out[e] = X[row[e] * ld + col[e]]  (X dense, leading dimension ld) */                           \
   void gather_pattern(DType dt, const int32_t* row, const int32_t* col, int64_t nnz, const void* X,  \
                       int64_t ld, void* out, cudaStream_t s);                                       \
+  /* Y[row[e] * ld + col[e]] = alpha * (X[row[e] * ld + col[e]] - vals[e]): the gradient of        \
+     ½ alpha Σ_e (X − vals)² at the pattern, written in place (Y's other entries are untouched). */ \
+  void pattern_residual(DType dt, const int32_t* row, const int32_t* col, int64_t nnz, const void* X, \
+                        const void* vals, double alpha, int64_t ld, void* Y, cudaStream_t s);      \
   /* Y[row[e] * ld + col[e]] += vals[e]; positions are distinct, so each has one writer. */        \
   void scatter_pattern_acc(DType dt, const int32_t* row, const int32_t* col, int64_t nnz,           \
                            const void* vals, int64_t ld, void* Y, cudaStream_t s);                  \

@@ -11,6 +11,7 @@
 #include <unordered_set>
 
 #include "kernels/dispatch.h"
+#include "kernels/matmul.h"
 #include "kernels/rng.h"
 #include "kernels/sparse.h"
 #include "runtime/linalg.h"
@@ -282,7 +283,7 @@ Tensor orthogonal_init(int64_t d, int64_t l, uint64_t seed, DType dt, Device dev
 
 // ---- original ---------------------------------------------------------------------------------------
 
-Original::Original(const Target& t, const Config& c, Device dev) {
+Original::Original(const Target& t, const Config& c, Device dev) : dev_(dev) {
   NoGrad ng;
   const DType dt = t.U.dtype();
   const int64_t d = t.d;
@@ -300,7 +301,19 @@ Original::Original(const Target& t, const Config& c, Device dev) {
   n_unobs_ = double(d) * double(d) - double(t.omega.nnz);
   train_out_ = Tensor::zeros(Shape{}, dt, dev);
   rec_out_ = Tensor::zeros(Shape{}, dt, dev);
+  fused_ = c.impl == Impl::fused;
+  if (fused_) {
+    for (int64_t l = 0; l < c.L; ++l) Wn_.push_back(Tensor::zeros(Shape{d, d}, dt, dev));
+    for (int64_t l = 1; l < c.L; ++l) P_.push_back(Tensor::zeros(Shape{d, d}, dt, dev));
+    for (int64_t l = 2; l < c.L; ++l) H_.push_back(Tensor::zeros(Shape{d, d}, dt, dev));
+    G_ = Tensor::zeros(Shape{d, d}, dt, dev);  // stays zero off Ω: only Ω's entries are ever written
+    side_ = std::make_unique<SideStream>(dev == Device::cuda);
+    const size_t wsb = DEEPLORA_DISPATCH(dev, gemm_workspace_bytes);
+    if (wsb) ws_ = Tensor::zeros(Shape{int64_t(wsb / 8)}, DType::f64, dev);
+  }
 }
+
+Original::~Original() = default;
 
 Tensor Original::product() const {
   Tensor P = W[0];
@@ -311,11 +324,58 @@ Tensor Original::product() const {
 // The loss reads W only at Ω (a gather; its backward scatters into the zero-filled gradient of W):
 // about a third of the memory traffic of a dense masked loss over d² entries.
 void Original::step() {
+  if (fused_) {
+    fused_step(W, Wn_);
+    for (size_t l = 0; l < W.size(); ++l) W[l].copy_from(Wn_[l]);
+    return;
+  }
   Tensor loss = ops::sq_error(ops::at_pattern(product(), omega_), m_csr_, alpha_);
   backward(loss);
   sgd_step(W, std::vector<double>(W.size(), lr_));
 }
 
+void Original::step_block() {
+  if (!fused_) return step();
+  fused_step(W, Wn_);
+  fused_step(Wn_, W);
+}
+
+void Original::fused_step(const std::vector<Tensor>& from, const std::vector<Tensor>& to) {
+  const size_t L = from.size();
+  const int64_t d = from[0].dim(0);
+  const DType dt = from[0].dtype();
+  cudaStream_t main = stream_for(dev_), side = side_->get();
+  // C = alpha·op(A)·op(B) + beta·Cin, all d x d.
+  auto mm = [&](const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& C, double alpha, const Tensor* Cin,
+                cudaStream_t s, bool on_side) {
+    kernels::Gemm g;
+    g.dt = dt;
+    g.ta = ta;
+    g.tb = tb;
+    g.M = g.N = g.K = d;
+    g.lda = g.ldb = g.ldc = d;
+    g.A = A.data();
+    g.B = B.data();
+    g.C = C.data();
+    g.alpha = alpha;
+    g.beta = Cin ? 1.0 : 0.0;
+    g.Cin = Cin ? Cin->data() : nullptr;
+    g.workspace = on_side && ws_.defined() ? ws_.data() : nullptr;
+    DEEPLORA_DISPATCH(dev_, gemm, g, s);
+  };
+  auto P = [&](size_t l) -> const Tensor& { return l == 0 ? from[0] : P_[l - 1]; };  // P_{l+1}, 0-based
+  auto H = [&](size_t l) -> const Tensor& { return l == L - 1 ? G_ : H_[l - 1]; };     // H_{l+1}, l >= 1
+  for (size_t l = 1; l < L; ++l) mm(from[l], false, P(l - 1), false, P_[l - 1], 1.0, nullptr, main, false);
+  DEEPLORA_DISPATCH(dev_, pattern_residual, dt, omega_.row_idx.data_as<int32_t>(), omega_.col_idx.data_as<int32_t>(),
+                    omega_.nnz, P(L - 1).data(), m_csr_.data(), alpha_, d, G_.data(), main);
+  for (size_t l = L - 1; l >= 1; --l) {
+    side_->fork();  // H_{l+1} is ready
+    mm(H(l), false, P(l - 1), true, to[l], -lr_, &from[l], side, true);
+    if (l >= 2) mm(from[l], true, H(l), false, H_[l - 2], 1.0, nullptr, main, false);
+  }
+  mm(from[1], true, H(1), false, to[0], -lr_, &from[0], main, false);
+  side_->join();
+}
 void Original::evaluate_async() {
   NoGrad ng;
   Tensor P = product();
@@ -331,6 +391,11 @@ Tensor Original::dense_W() const {
 }
 
 int64_t Original::n_params() const { return int64_t(W.size()) * W[0].numel(); }
+
+std::string Original::describe() const {
+  return fmt::format("original (L = {}, step {})", W.size(),
+                     fused_ ? "fused: updates folded into the GEMMs, two streams" : "op by op on the tape");
+}
 
 // ---- compressed -------------------------------------------------------------------------------------
 

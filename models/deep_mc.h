@@ -12,13 +12,14 @@
 #include <string>
 #include <vector>
 
+#include "runtime/device.h"
 #include "runtime/ops_sparse.h"
 #include "runtime/tensor.h"
 
 namespace deeplora::deep_mc {
 
 enum class Method { original, compressed, both };
-enum class Impl { fused, tape };  // compressed step: one fused kernel, or op by op through the tape
+enum class Impl { fused, tape };  // a hand-derived fused step, or op by op through the tape
 enum class InitMode { automatic, exact, implicit };
 
 struct Config {
@@ -128,25 +129,42 @@ class Model {
   virtual std::string describe() const { return name(); }
 };
 
+// Fused step (Impl::fused, the default; Impl::tape runs forward, tape backward and sgd_step): with
+// prefixes P_l = W_l⋯W_1 and H_L = G = ∂f/∂W (nonzero only at Ω, written there in place),
+// H_{l-1} = W_lᵀH_l, every update is one GEMM with the old weight as addend and the next iterate as
+// output, W'_l = W_l − η·H_l·P_{l-1}ᵀ (W'_1 = W_1 − η·W_2ᵀH_2): no gradient buffers, no zero fills,
+// no separate update pass. The updates W'_L..W'_2 run on a side stream beside the H chain (each
+// waits for its H_l), so two products share the GPU where one alone leaves SMs idle.
 class Original : public Model {
  public:
   Original(const Target& t, const Config& c, Device dev);
+  ~Original() override;
   std::string name() const override { return "original"; }
   void step() override;
+  // Fused: two iterations, W -> W' -> W (the ping-pong pair a graph captures).
+  int block_steps() const override { return fused_ ? 2 : 1; }
+  void step_block() override;
   void evaluate_async() override;
   Metrics read_metrics() const override;
   Tensor dense_W() const override;
   int64_t n_params() const override;
+  std::string describe() const override;
 
   std::vector<Tensor> W;  // W_1 .. W_L
 
  private:
   Tensor product() const;
+  void fused_step(const std::vector<Tensor>& from, const std::vector<Tensor>& to);
+  Device dev_;
   Tensor M_, unmask_;  // dense d x d for the recovery error (the original model is d x d anyway)
   SparsePattern omega_;
   Tensor m_csr_;
   double alpha_ = 0, lr_ = 0, n_unobs_ = 0;
   Tensor train_out_, rec_out_;
+  bool fused_ = false;
+  std::vector<Tensor> Wn_, P_, H_;  // fused: next iterate, prefixes P_2..P_L, H_{L-1}..H_2 (H_L = G_)
+  Tensor G_, ws_;                   // fused: ∂f/∂W (zero off Ω), the side stream's GEMM workspace
+  std::unique_ptr<SideStream> side_;
 };
 
 class Compressed : public Model {

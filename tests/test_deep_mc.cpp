@@ -8,12 +8,15 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <unistd.h>
 
 #include "models/deep_mc.h"
+#include "runtime/device.h"
+#include "runtime/graph.h"
 #include "runtime/ops.h"
 
 using namespace deeplora;
@@ -210,6 +213,63 @@ TEST_CASE("deep_mc: fused and op-by-op compressed steps give the same trajectory
   std::vector<double> wf = f.dense_W().to_double(), wg = g.dense_W().to_double();
   CHECK(fro_diff(wf, wg) / fro(wg) <= 1e-12);
   CHECK(g.block_steps() == 1);
+}
+
+TEST_CASE("deep_mc: fused and op-by-op original steps give the same trajectory (L = 2, 3, 4)") {
+  for (int64_t L : {2, 3, 4}) {
+    CAPTURE(L);
+    Config c = small_config();
+    c.L = L;
+    Target t = small_target(c);
+    Config ct = c;
+    ct.impl = Impl::tape;
+    Original f(t, c, Device::cpu), g(t, ct, Device::cpu);
+    REQUIRE(f.block_steps() == 2);
+    for (int i = 0; i < 2; ++i) f.step_block();  // 4 iterations through the ping-pong pair
+    f.step();                                     // and a single one
+    for (int i = 0; i < 5; ++i) g.step();
+    std::vector<double> wf = f.dense_W().to_double(), wg = g.dense_W().to_double();
+    CHECK(fro_diff(wf, wg) / fro(wg) <= 1e-12);
+    for (size_t l = 0; l < f.W.size(); ++l) {
+      std::vector<double> a = f.W[l].to_double(), b = g.W[l].to_double();
+      CHECK(fro_diff(a, b) / fro(b) <= 1e-12);
+    }
+    CHECK(f.evaluate().train_loss == doctest::Approx(g.evaluate().train_loss).epsilon(1e-10));
+  }
+}
+
+TEST_CASE("deep_mc on CUDA: fused steps captured in a graph follow the op-by-op tape steps") {
+  if (!cuda_available()) {
+    MESSAGE("skipped the CUDA deep_mc checks: " << cuda_unavailable_reason());
+    return;
+  }
+  Config c = small_config();
+  c.log_every = 4;  // the compressed launch runs 4 iterations
+  c.device = "cuda";
+  Target t = make_target(c.d, c.r, c.p, c.obs_per_row, c.seed, c.dtype, Device::cuda);
+  Config ct = c;
+  ct.impl = Impl::tape;
+  for (Method m : {Method::original, Method::compressed}) {
+    std::unique_ptr<Model> f, g;
+    if (m == Method::original) {
+      f = std::make_unique<Original>(t, c, Device::cuda);
+      g = std::make_unique<Original>(t, ct, Device::cuda);
+    } else {
+      f = std::make_unique<Compressed>(t, c, Device::cuda);
+      g = std::make_unique<Compressed>(t, ct, Device::cuda);
+    }
+    CAPTURE(f->name());
+    StepGraph graph([&] { f->step_block(); }, Device::cuda, StepGraph::Options{true, 1, "test " + f->name()});
+    int64_t n = 0;
+    for (int i = 0; i < 3; ++i, n += f->block_steps()) graph.run();
+    f->step();
+    ++n;
+    for (int64_t i = 0; i < n; ++i) g->step();
+    CHECK(graph.captured());
+    std::vector<double> wf = f->dense_W().to_double(), wg = g->dense_W().to_double();
+    CHECK(fro_diff(wf, wg) / fro(wg) <= 1e-10);
+    CHECK(f->evaluate().train_loss == doctest::Approx(g->evaluate().train_loss).epsilon(1e-9));
+  }
 }
 
 TEST_CASE("deep_mc: target files round-trip; bad files are named in the error") {

@@ -36,7 +36,8 @@ fi
 
 if has test; then
   log "tests"
-  (cd build && ./deeplora_tests --duration=false) > "$OUT/logs/test.log" 2>&1
+  # TEST_FILTER: a doctest -tc pattern (e.g. '*deep_mc*,*sparse*') to run a subset.
+  (cd build && ./deeplora_tests --duration=false ${TEST_FILTER:+-tc="$TEST_FILTER"}) > "$OUT/logs/test.log" 2>&1
   result[test]=$(grep -E "^\[doctest\] (test cases|assertions)" "$OUT/logs/test.log" | tr -s ' ' | paste -sd' ')
   grep -B2 -A8 "ERROR" "$OUT/logs/test.log" | head -60
 fi

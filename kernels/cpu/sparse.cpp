@@ -60,6 +60,20 @@ void gather_pattern(DType dt, const int32_t* row, const int32_t* col, int64_t nn
   });
 }
 
+void pattern_residual(DType dt, const int32_t* row, const int32_t* col, int64_t nnz, const void* X, const void* vals,
+                      double alpha, int64_t ld, void* Y, cudaStream_t) {
+  dispatch(dt, "pattern_residual", [&](auto z) {
+    using T = decltype(z);
+    const T* x = static_cast<const T*>(X);
+    const T* v = static_cast<const T*>(vals);
+    T* y = static_cast<T*>(Y);
+    for (int64_t e = 0; e < nnz; ++e) {
+      const int64_t at = int64_t(row[e]) * ld + col[e];
+      y[at] = T(alpha) * (x[at] - v[e]);
+    }
+  });
+}
+
 void scatter_pattern_acc(DType dt, const int32_t* row, const int32_t* col, int64_t nnz, const void* vals, int64_t ld,
                          void* Y, cudaStream_t) {
   dispatch(dt, "scatter_pattern_acc", [&](auto z) {

@@ -91,6 +91,16 @@ __global__ void gather_kernel(const int32_t* __restrict__ row, const int32_t* __
 }
 
 template <class T>
+__global__ void residual_kernel(const int32_t* __restrict__ row, const int32_t* __restrict__ col, int64_t nnz,
+                                const T* __restrict__ X, const T* __restrict__ vals, T alpha, int64_t ld,
+                                T* __restrict__ Y) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < nnz; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t at = int64_t(row[e]) * ld + col[e];
+    Y[at] = alpha * (X[at] - vals[e]);
+  }
+}
+
+template <class T>
 __global__ void scatter_kernel(const int32_t* __restrict__ row, const int32_t* __restrict__ col, int64_t nnz,
                                const T* __restrict__ vals, int64_t ld, T* __restrict__ Y) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < nnz; e += int64_t(gridDim.x) * blockDim.x)
@@ -534,6 +544,17 @@ void gather_pattern(DType dt, const int32_t* row, const int32_t* col, int64_t nn
     using T = decltype(z);
     gather_kernel<T><<<blocks_for(nnz, kThreads, 65535), kThreads, 0, s>>>(row, col, nnz, static_cast<const T*>(X), ld,
                                                                            static_cast<T*>(out));
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+void pattern_residual(DType dt, const int32_t* row, const int32_t* col, int64_t nnz, const void* X, const void* vals,
+                      double alpha, int64_t ld, void* Y, cudaStream_t s) {
+  if (nnz == 0) return;
+  dispatch(dt, "pattern_residual", [&](auto z) {
+    using T = decltype(z);
+    residual_kernel<T><<<blocks_for(nnz, kThreads, 65535), kThreads, 0, s>>>(
+        row, col, nnz, static_cast<const T*>(X), static_cast<const T*>(vals), T(alpha), ld, static_cast<T*>(Y));
     CUDA_CHECK_LAUNCH();
   });
 }
