@@ -55,15 +55,23 @@ struct LowrankStep {
   void* loss = nullptr;  // one element of dt
   void* work = nullptr;  // lowrank_step_workspace_bytes(k) bytes of device memory (any content)
 };
-// Shared memory of the fused kernel, in elements of dt: the K_l, their prefix products Pre_l and the
-// back-propagated chain X_l, Kp, the summed gradient, per-warp rows, per-warp gKp shares, and the
-// split sums of the partials.
+// Shared memory of the fused kernel, in elements of dt (besides the staged factor): the K_l and their
+// update, their prefix products Pre_l and the back-propagated chain X_l, Kp, the loss, per-warp rows,
+// per-warp gKp shares, and the split sums of the partials.
 inline int64_t lowrank_step_smem_elems(int64_t k, int64_t L) {
   const int64_t kk = k * k, warps = kLowrankThreads / 32;
-  return 3 * L * kk + kk + (kk + 1) + warps * 64 + warps * (kk + 1) + (kk + 1 > kLowrankThreads ? kk + 1 : kLowrankThreads);
+  return 4 * L * kk + kk + 2 + warps * 64 + warps * (kk + 1) + (kk + 1 > kLowrankThreads ? kk + 1 : kLowrankThreads);
+}
+// The staged factor (GPU, small d): max(rows, cols) x k elements, rounded up to 16 bytes. Staged
+// when it takes at most kLowrankStageBytes.
+constexpr int64_t kLowrankStageBytes = 120 * 1024;
+inline int64_t lowrank_stage_elems(int64_t rows, int64_t cols, int64_t k, int64_t elem_size) {
+  const int64_t n = (rows > cols ? rows : cols) * k;
+  const int64_t per16 = 16 / elem_size;
+  return (n + per16 - 1) / per16 * per16;
 }
 // Limits of the fused kernel (else use the op-by-op path): k in [1, 32], 1 <= L <= 16, shared memory
-// within 96 KiB (k = 10, L = 3 in f64 takes 33 KiB).
+// within 96 KiB (k = 10, L = 3 in f64 takes 40 KiB).
 inline bool lowrank_step_supported(DType dt, int64_t k, int64_t L) {
   if (dt != DType::f64 && dt != DType::f32) return false;
   if (k < 1 || k > 32 || L < 1 || L > kLowrankMaxL) return false;

@@ -304,7 +304,7 @@ TEST_CASE("sparse ops and the fused step: CPU vs CUDA (f64, f32)") {
   }
   for (DType dt : {DType::f64, DType::f32}) {
     CAPTURE(dtype_name(dt));
-    const double tol = dt == DType::f64 ? 1e-12 : 2e-5;
+    const double tol = dt == DType::f64 ? 1e-12 : 5e-5;  // f32: up to 7 fused iterations amplify rounding
     std::vector<std::vector<double>> res[2];
     for (Device dev : {Device::cpu, Device::cuda}) {
       SparsePattern p = random_pattern(300, 170, 0.05, 61, dev);

@@ -3,6 +3,7 @@
 // pattern order; reductions go through per-block partials summed in block order (two launches, or
 // every block of a cooperative launch after a grid barrier).
 #include <cooperative_groups.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -176,23 +177,13 @@ template <class T> __global__ void sgd_kernel(const SgdArgs args, bool zero_grad
 constexpr int kLrThreads = kLowrankThreads;
 constexpr int kLrWarps = kLrThreads / 32;
 
-// C = op(A) · op(B) for k x k row-major matrices in shared memory, by the whole block.
-template <class T>
-__device__ void block_mm(const T* A, const T* B, T* C, int k, bool ta, bool tb) {
-  for (int o = threadIdx.x; o < k * k; o += kLrThreads) {
-    const int i = o / k, j = o - i * k;
-    T s = T(0);
-    for (int t = 0; t < k; ++t) s += (ta ? A[t * k + i] : A[i * k + t]) * (tb ? B[j * k + t] : B[t * k + j]);
-    C[o] = s;
-  }
-}
-
 template <class T> struct Vec2;
 template <> struct Vec2<double> { using type = double2; };
 template <> struct Vec2<float> { using type = float2; };
 
 // v[0..k) = src[0..k), zeros past k. Plain loads (not the read-only path): A and B are rewritten by
 // other blocks between the iterations of one launch, and the grid barrier orders those writes.
+// src may be global or shared memory.
 template <class T, int KK> __device__ __forceinline__ void load_row(const T* src, int k, T (&v)[KK]) {
   if constexpr (KK % 2 == 0) {
     if (k == KK) {  // rows of an even width are 2-element aligned (buffers are 256-byte aligned)
@@ -218,42 +209,108 @@ template <class T, int KK> __device__ __forceinline__ T dot(const T (&x)[KK], co
   return s;
 }
 
-// Pre_1 = I, Pre_l = K_{l-1} Pre_{l-1}, Kp = K_L Pre_L, from the K_l in shared memory.
-template <class T> __device__ void lowrank_prefixes(const T* sK, T* sPre, T* sKp, int k, int L) {
+// Entry (i, j) of op(A) · op(B) for k x k row-major matrices in shared memory (k <= KK, unrolled).
+template <class T, int KK, bool TA, bool TB>
+__device__ __forceinline__ T mm_entry(const T* A, const T* B, int k, int i, int j) {
+  T s = T(0);
+#pragma unroll
+  for (int t = 0; t < KK; ++t)
+    if (t < k) s += (TA ? A[t * k + i] : A[i * k + t]) * (TB ? B[j * k + t] : B[t * k + j]);
+  return s;
+}
+
+// Pre_0 = I (set once, never written), Pre_l = K_{l-1} Pre_{l-1}, Kp = K_{L-1} Pre_{L-1} (0-based
+// K_0 .. K_{L-1}). Pre_1 = K_0 is a copy, so Pre_2 = K_1 K_0 joins it: max(1, L - 1) block barriers.
+template <class T, int KK> __device__ void lowrank_prefixes(const T* sK, T* sPre, T* sKp, int k, int L) {
   const int kk = k * k;
-  for (int o = threadIdx.x; o < kk; o += kLrThreads) sPre[o] = (o / k == o % k) ? T(1) : T(0);
+  auto dst = [&](int l) { return l == L ? sKp : sPre + l * kk; };
+  for (int o = threadIdx.x; o < kk; o += kLrThreads) {
+    dst(1)[o] = sK[o];
+    if (L >= 2) dst(2)[o] = mm_entry<T, KK, false, false>(sK + kk, sK, k, o / k, o % k);
+  }
   __syncthreads();
-  for (int l = 1; l < L; ++l) {
-    block_mm(sK + (l - 1) * kk, sPre + (l - 1) * kk, sPre + l * kk, k, false, false);
+  for (int l = 3; l <= L; ++l) {
+    for (int o = threadIdx.x; o < kk; o += kLrThreads)
+      dst(l)[o] = mm_entry<T, KK, false, false>(sK + (l - 1) * kk, sPre + (l - 1) * kk, k, o / k, o % k);
     __syncthreads();
   }
-  block_mm(sK + (L - 1) * kk, sPre + (L - 1) * kk, sKp, k, false, false);
+}
+
+// A lane's two entries e and e + 32 of a row (column) of the pattern: their indices and targets.
+// Missing entries read index 0 and target 0 (their residual is then forced to 0 by the caller).
+template <class T> struct PairFetch {
+  int32_t e, i0, i1;
+  T y0, y1;
+  bool has0, has1;
+  __device__ __forceinline__ PairFetch(const int32_t* __restrict__ idx, const T* __restrict__ vals, int32_t e_,
+                                       int32_t e1) : e(e_) {
+    load(idx, vals, e1);
+  }
+  __device__ __forceinline__ void load(const int32_t* __restrict__ idx, const T* __restrict__ vals, int32_t e1) {
+    has0 = e < e1;
+    has1 = e + 32 < e1;
+    i0 = has0 ? idx[e] : 0;
+    i1 = has1 ? idx[e + 32] : 0;
+    y0 = has0 ? vals[e] : T(0);
+    y1 = has1 ? vals[e + 32] : T(0);
+  }
+  __device__ __forceinline__ void advance(const int32_t* __restrict__ idx, const T* __restrict__ vals, int32_t e1) {
+    e += 64;
+    load(idx, vals, e1);
+  }
+};
+
+// Starts copying n elements of src (global, written by other blocks before the last grid barrier)
+// into shared dst with cp.async (L2 only, no registers held); lowrank_stage_wait() completes it.
+template <class T> __device__ __forceinline__ void lowrank_stage_start(T* dst, const T* src, int64_t n) {
+  const int64_t bytes = n * int64_t(sizeof(T));
+  const int64_t n16 = bytes / 16;
+  for (int64_t x = threadIdx.x; x < n16; x += kLrThreads)
+    __pipeline_memcpy_async(reinterpret_cast<char*>(dst) + 16 * x, reinterpret_cast<const char*>(src) + 16 * x, 16);
+  __pipeline_commit();
+  for (int64_t x = n16 * 16 / int64_t(sizeof(T)) + threadIdx.x; x < n; x += kLrThreads) dst[x] = __ldcg(src + x);
+}
+__device__ __forceinline__ void lowrank_stage_wait() {
+  __pipeline_wait_prior(0);
   __syncthreads();
 }
 
 // KK: compile-time bound on k (register arrays), runtime k <= KK. Blocks [0, nb_row) own rows, the
-// rest own columns; a warp owns a row (column) at a time, grid-strided.
+// rest own columns; a warp owns a row (column) at a time, grid-strided. stage_elems > 0: the factor a block
+// gathers from (B for row owners, A for column owners) is copied into shared memory once per
+// iteration (small d), so the per-entry gathers read shared memory instead of L2.
 template <class T, int KK>
-__global__ void __launch_bounds__(kLrThreads, 1) lowrank_steps_kernel(const LowrankStep a, int nb_row, int nb_col) {
+__global__ void __launch_bounds__(kLrThreads, 1)
+    lowrank_steps_kernel(const LowrankStep a, int nb_row, int nb_col, int64_t stage_elems) {
   namespace cg = cooperative_groups;
   cg::grid_group grid = cg::this_grid();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int k = int(a.k), L = int(a.L), kk = k * k, kk1 = kk + 1;
-  T* sK = reinterpret_cast<T*>(smem_raw);  // L kk
-  T* sPre = sK + L * kk;                   // L kk
-  T* sX = sPre + L * kk;                   // L kk
-  T* sKp = sX + L * kk;                    // kk
-  T* sG = sKp + kk;                        // kk + 1: gKp, then the loss sum
-  T* sRow = sG + kk1;                      // kLrWarps x 64: a row of A and its gP
-  T* sComb = sRow + kLrWarps * 64;         // kLrWarps x (kk + 1): the warps' gKp shares and losses
-  T* sTmp = sComb + kLrWarps * kk1;        // max(kk + 1, kLrThreads): split sums of the partials
+  T* sFac = reinterpret_cast<T*>(smem_raw);     // staged factor (when stage), first: 16-byte aligned
+  const bool stage = stage_elems > 0;
+  T* sK = sFac + stage_elems;                    // L kk
+  T* sKn = sK + L * kk;                          // L kk: the updated K_l (swapped with sK)
+  T* sPre = sKn + L * kk;                        // L kk
+  T* sX = sPre + L * kk;                         // L kk; X_{L-1} = gKp
+  T* sKp = sX + L * kk;                          // kk
+  T* sLoss = sKp + kk;                           // 1 (+ pad)
+  T* sRow = sLoss + 2;                           // kLrWarps x 64: a row of A and its gP
+  T* sComb = sRow + kLrWarps * 64;               // kLrWarps x (kk + 1): the warps' gKp shares and losses
+  T* sTmp = sComb + kLrWarps * kk1;              // max(kk + 1, kLrThreads): split sums of the partials
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const T alpha = T(a.alpha), lr_outer = T(a.lr_outer), lr_inner = T(a.lr_inner);
   constexpr int NQ = (KK * KK + 31) / 32;
+  const bool row_block = int(blockIdx.x) < nb_row;
 
   for (int o = tid; o < L * kk; o += kLrThreads) sK[o] = static_cast<const T*>(a.K[o / kk])[o % kk];
+  for (int o = tid; o < kk; o += kLrThreads) sPre[o] = (o / k == o % k) ? T(1) : T(0);
+  if (stage) {
+    if (row_block) lowrank_stage_start(sFac, static_cast<const T*>(a.B), a.cols * k);
+    else lowrank_stage_start(sFac, static_cast<const T*>(a.A), a.rows * k);
+  }
   __syncthreads();
-  lowrank_prefixes(sK, sPre, sKp, k, L);
+  lowrank_prefixes<T, KK>(sK, sPre, sKp, k, L);
+  if (stage) lowrank_stage_wait();
 
   T* partials = static_cast<T*>(a.work);  // [2][nb_row][kk + 1]
   for (int64_t step = 0; step < a.steps; ++step) {
@@ -262,9 +319,10 @@ __global__ void __launch_bounds__(kLrThreads, 1) lowrank_steps_kernel(const Lowr
     const T* Bin = static_cast<const T*>(odd ? a.B_tmp : a.B);
     T* part = partials + (odd ? int64_t(nb_row) * kk1 : 0);
 
-    if (int(blockIdx.x) < nb_row) {
+    if (row_block) {
       // ---- row owners
       T* Ao = static_cast<T*>(odd ? a.A : a.A_tmp);
+      const T* Bg = stage ? sFac : Bin;
       const T* __restrict__ vals = static_cast<const T*>(a.vals_csr);
       T gk[NQ];
 #pragma unroll
@@ -287,17 +345,18 @@ __global__ void __launch_bounds__(kLrThreads, 1) lowrank_steps_kernel(const Lowr
           }
         }
         T ls = T(0);
+        // Two entries per lane per pass, and the next pass's indices and targets loaded during this
+        // one: each pass waits for one round of row loads only.
         const int32_t e1 = a.row_ptr[i + 1];
-        // Two entries per lane per pass: their index and row loads are in flight together.
-        for (int32_t e = a.row_ptr[i] + lane; e < e1; e += 64) {
-          const bool two = e + 32 < e1;
-          const int32_t j0 = a.col_idx[e], j1 = two ? a.col_idx[e + 32] : j0;
-          const T y0 = vals[e], y1 = two ? vals[e + 32] : T(0);
+        PairFetch<T> f(a.col_idx, vals, a.row_ptr[i] + lane, e1);
+        while (f.has0) {
+          const PairFetch<T> cur = f;
+          f.advance(a.col_idx, vals, e1);
           T b0[KK], b1[KK];
-          load_row(Bin + int64_t(j0) * k, k, b0);
-          load_row(Bin + int64_t(j1) * k, k, b1);
-          const T r0 = dot(p, b0) - y0;
-          const T r1 = two ? dot(p, b1) - y1 : T(0);
+          load_row(Bg + int64_t(cur.i0) * k, k, b0);
+          load_row(Bg + int64_t(cur.i1) * k, k, b1);
+          const T r0 = dot(p, b0) - cur.y0;
+          const T r1 = cur.has1 ? dot(p, b1) - cur.y1 : T(0);
           ls += r0 * r0 + r1 * r1;
 #pragma unroll
           for (int c = 0; c < KK; ++c) g[c] += r0 * b0[c] + r1 * b1[c];
@@ -344,6 +403,7 @@ __global__ void __launch_bounds__(kLrThreads, 1) lowrank_steps_kernel(const Lowr
     } else {
       // ---- column owners: B'_j = B_j − lr_outer · alpha · (Σ_e r_e A_{i_e}) · Kp, r_e = A_{i_e} · Q_j − y_e.
       T* Bo = static_cast<T*>(odd ? a.B : a.B_tmp);
+      const T* Ag = stage ? sFac : Ain;
       const T* __restrict__ vals = static_cast<const T*>(a.vals_csc);
       const int cb = int(blockIdx.x) - nb_row;
       for (int64_t j = int64_t(cb) * kLrWarps + warp; j < a.cols; j += int64_t(nb_col) * kLrWarps) {
@@ -362,15 +422,15 @@ __global__ void __launch_bounds__(kLrThreads, 1) lowrank_steps_kernel(const Lowr
           }
         }
         const int32_t e1 = a.col_ptr[j + 1];
-        for (int32_t e = a.col_ptr[j] + lane; e < e1; e += 64) {
-          const bool two = e + 32 < e1;
-          const int32_t i0 = a.csc_row[e], i1 = two ? a.csc_row[e + 32] : i0;
-          const T y0 = vals[e], y1 = two ? vals[e + 32] : T(0);
+        PairFetch<T> f(a.csc_row, vals, a.col_ptr[j] + lane, e1);
+        while (f.has0) {
+          const PairFetch<T> cur = f;
+          f.advance(a.csc_row, vals, e1);
           T a0[KK], a1[KK];
-          load_row(Ain + int64_t(i0) * k, k, a0);
-          load_row(Ain + int64_t(i1) * k, k, a1);
-          const T r0 = dot(a0, q) - y0;
-          const T r1 = two ? dot(a1, q) - y1 : T(0);
+          load_row(Ag + int64_t(cur.i0) * k, k, a0);
+          load_row(Ag + int64_t(cur.i1) * k, k, a1);
+          const T r0 = dot(a0, q) - cur.y0;
+          const T r1 = cur.has1 ? dot(a1, q) - cur.y1 : T(0);
 #pragma unroll
           for (int t = 0; t < KK; ++t) g[t] += r0 * a0[t] + r1 * a1[t];
         }
@@ -393,57 +453,65 @@ __global__ void __launch_bounds__(kLrThreads, 1) lowrank_steps_kernel(const Lowr
 
     grid.sync();
 
+    // The next iteration's factor starts streaming into shared memory during the K update.
+    const bool stage_next = stage && step + 1 < a.steps;
+    if (stage_next) {
+      if (row_block) lowrank_stage_start(sFac, static_cast<const T*>(odd ? a.B : a.B_tmp), a.cols * k);
+      else lowrank_stage_start(sFac, static_cast<const T*>(odd ? a.A : a.A_tmp), a.rows * k);
+    }
+
     // ---- every block: gKp and the loss from the partials, in block order. Entry o's blocks are split
-    // into `split` contiguous ranges summed by different threads (loads issued 8 at a time, added in
+    // into `split` contiguous ranges summed by different threads (loads issued 16 at a time, added in
     // order); the range sums are then added in range order.
     {
       const int split = max(1, min(kLrThreads / kk1, nb_row));
       const int per = (nb_row + split - 1) / split;
       for (int w = tid; w < kk1 * split; w += kLrThreads) {
         const int r = w / kk1, o = w - r * kk1;
-        const int b0 = r * per, b1 = min(nb_row, b0 + per);
+        const int b1 = min(nb_row, r * per + per);
         const T* src = part + o;
         T s = T(0);
-        int b = b0;
-        for (; b + 8 <= b1; b += 8) {
-          T v[8];
+        for (int b = r * per; b < b1; b += 16) {
+          T v[16];
 #pragma unroll
-          for (int u = 0; u < 8; ++u) v[u] = __ldcg(src + int64_t(b + u) * kk1);
+          for (int u = 0; u < 16; ++u) v[u] = b + u < b1 ? __ldcg(src + int64_t(b + u) * kk1) : T(0);
 #pragma unroll
-          for (int u = 0; u < 8; ++u) s += v[u];
+          for (int u = 0; u < 16; ++u) s += v[u];
         }
-        for (; b < b1; ++b) s += __ldcg(src + int64_t(b) * kk1);
         sTmp[w] = s;
       }
       __syncthreads();
       for (int o = tid; o < kk1; o += kLrThreads) {
         T s = T(0);
         for (int r = 0; r < split; ++r) s += sTmp[r * kk1 + o];
-        sG[o] = s;
+        if (o < kk) sX[(L - 1) * kk + o] = s;
+        else sLoss[0] = s;
       }
       __syncthreads();
     }
-    // gK_l = X_l · Pre_lᵀ with X_L = gKp, X_l = K_{l+1}ᵀ X_{l+1} (old K), then K_l −= lr_inner · gK_l.
-    for (int o = tid; o < kk; o += kLrThreads) sX[(L - 1) * kk + o] = sG[o];
-    __syncthreads();
-    for (int l = L - 2; l >= 0; --l) {
-      block_mm(sK + (l + 1) * kk, sX + (l + 1) * kk, sX + l * kk, k, true, false);
+    // gK_l = X_l · Pre_lᵀ with X_{L-1} = gKp, X_{l-1} = K_lᵀ X_l (old K); K'_l = K_l − lr_inner · gK_l
+    // into sKn. Level by level from the top: X_{l-1} and K'_l need only X_l, so they share a barrier.
+    for (int l = L - 1; l >= 0; --l) {
+      for (int w = tid; w < 2 * kk; w += kLrThreads) {
+        const int o = w < kk ? w : w - kk, i = o / k, j = o - i * k;
+        if (w < kk)
+          sKn[l * kk + o] = sK[l * kk + o] - lr_inner * mm_entry<T, KK, false, true>(sX + l * kk, sPre + l * kk, k, i, j);
+        else if (l >= 1)
+          sX[(l - 1) * kk + o] = mm_entry<T, KK, true, false>(sK + l * kk, sX + l * kk, k, i, j);
+      }
       __syncthreads();
     }
-    for (int o = tid; o < L * kk; o += kLrThreads) {
-      const int l = o / kk, e = o - l * kk, i = e / k, j = e - i * k;
-      const T* X = sX + l * kk;
-      const T* P = sPre + l * kk;
-      T s = T(0);
-      for (int t = 0; t < k; ++t) s += X[i * k + t] * P[j * k + t];
-      sK[o] -= lr_inner * s;
+    {
+      T* t = sK;
+      sK = sKn;
+      sKn = t;
     }
-    __syncthreads();
-    lowrank_prefixes(sK, sPre, sKp, k, L);
+    lowrank_prefixes<T, KK>(sK, sPre, sKp, k, L);
     if (step == a.steps - 1 && blockIdx.x == 0) {
       for (int o = tid; o < L * kk; o += kLrThreads) static_cast<T*>(a.K[o / kk])[o % kk] = sK[o];
-      if (tid == 0) *static_cast<T*>(a.loss) = T(0.5) * alpha * sG[kk];
+      if (tid == 0) *static_cast<T*>(a.loss) = T(0.5) * alpha * sLoss[0];
     }
+    if (stage_next) lowrank_stage_wait();
   }
   if (a.steps & 1) {  // the last iterate is in A_tmp, B_tmp
     grid.sync();
@@ -456,10 +524,13 @@ __global__ void __launch_bounds__(kLrThreads, 1) lowrank_steps_kernel(const Lowr
 }
 
 // Blocks of the cooperative grid: rows and columns split the device's co-resident blocks, at most
-// one warp per row (column) and at most kLowrankMaxRowBlocks row blocks.
+// one warp per row (column) and at most kLowrankMaxRowBlocks row blocks. The gathered factor is
+// staged in shared memory when it fits in kLowrankStageBytes.
 template <class T, int KK> void launch_lowrank(const LowrankStep& a, cudaStream_t s) {
   auto kernel = lowrank_steps_kernel<T, KK>;
-  const size_t smem = size_t(lowrank_step_smem_elems(a.k, a.L)) * sizeof(T);
+  const int64_t stage_elems = lowrank_stage_elems(a.rows, a.cols, a.k, sizeof(T));
+  const bool stage = stage_elems * int64_t(sizeof(T)) <= kLowrankStageBytes;
+  const size_t smem = size_t(lowrank_step_smem_elems(a.k, a.L) + (stage ? stage_elems : 0)) * sizeof(T);
   int dev = 0, sms = 0, per_sm = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
   CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -483,7 +554,7 @@ template <class T, int KK> void launch_lowrank(const LowrankStep& a, cudaStream_
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, nb_row, nb_col));
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, nb_row, nb_col, stage ? stage_elems : int64_t(0)));
 }
 
 // ---- recovery error over the unobserved entries --------------------------------------------------
