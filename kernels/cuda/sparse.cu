@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -202,21 +203,30 @@ template <class T, int KK> __device__ __forceinline__ void load_row(const T* src
   for (int t = 0; t < KK; ++t) v[t] = t < k ? src[t] : T(0);
 }
 
+// Two accumulators (even and odd c): half the dependent chain of multiply-adds.
 template <class T, int KK> __device__ __forceinline__ T dot(const T (&x)[KK], const T (&y)[KK]) {
-  T s = T(0);
+  T s0 = T(0), s1 = T(0);
 #pragma unroll
-  for (int c = 0; c < KK; ++c) s += x[c] * y[c];
-  return s;
+  for (int c = 0; c < KK; c += 2) {
+    s0 += x[c] * y[c];
+    if (c + 1 < KK) s1 += x[c + 1] * y[c + 1];
+  }
+  return s0 + s1;
 }
 
 // Entry (i, j) of op(A) · op(B) for k x k row-major matrices in shared memory (k <= KK, unrolled).
+// Two accumulators (even and odd t) halve the dependent chain of multiply-adds.
 template <class T, int KK, bool TA, bool TB>
 __device__ __forceinline__ T mm_entry(const T* A, const T* B, int k, int i, int j) {
-  T s = T(0);
+  T s0 = T(0), s1 = T(0);
 #pragma unroll
   for (int t = 0; t < KK; ++t)
-    if (t < k) s += (TA ? A[t * k + i] : A[i * k + t]) * (TB ? B[j * k + t] : B[t * k + j]);
-  return s;
+    if (t < k) {
+      const T v = (TA ? A[t * k + i] : A[i * k + t]) * (TB ? B[j * k + t] : B[t * k + j]);
+      if (t % 2 == 0) s0 += v;
+      else s1 += v;
+    }
+  return s0 + s1;
 }
 
 // Pre_0 = I (set once, never written), Pre_l = K_{l-1} Pre_{l-1}, Kp = K_{L-1} Pre_{L-1} (0-based
@@ -281,7 +291,7 @@ __device__ __forceinline__ void lowrank_stage_wait() {
 // iteration (small d), so the per-entry gathers read shared memory instead of L2.
 template <class T, int KK>
 __global__ void __launch_bounds__(kLrThreads, 1)
-    lowrank_steps_kernel(const LowrankStep a, int nb_row, int nb_col, int64_t stage_elems) {
+    lowrank_steps_kernel(const LowrankStep a, int nb_row, int nb_col, int64_t stage_elems, int skip) {
   namespace cg = cooperative_groups;
   cg::grid_group grid = cg::this_grid();
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -319,10 +329,11 @@ __global__ void __launch_bounds__(kLrThreads, 1)
     const T* Bin = static_cast<const T*>(odd ? a.B_tmp : a.B);
     T* part = partials + (odd ? int64_t(nb_row) * kk1 : 0);
 
-    if (row_block) {
+    if (skip & 1) {
+      // timing diagnostic: no phase
+    } else if (row_block) {
       // ---- row owners
       T* Ao = static_cast<T*>(odd ? a.A : a.A_tmp);
-      const T* Bg = stage ? sFac : Bin;
       const T* __restrict__ vals = static_cast<const T*>(a.vals_csr);
       T gk[NQ];
 #pragma unroll
@@ -348,13 +359,19 @@ __global__ void __launch_bounds__(kLrThreads, 1)
         // Two entries per lane per pass, and the next pass's indices and targets loaded during this
         // one: each pass waits for one round of row loads only.
         const int32_t e1 = a.row_ptr[i + 1];
-        PairFetch<T> f(a.col_idx, vals, a.row_ptr[i] + lane, e1);
+        PairFetch<T> f(a.col_idx, vals, a.row_ptr[i] + lane, (skip & 128) ? 0 : e1);
         while (f.has0) {
-          const PairFetch<T> cur = f;
+          PairFetch<T> cur = f;
+          if (skip & 64) cur.i0 = cur.i1 = 0;
           f.advance(a.col_idx, vals, e1);
           T b0[KK], b1[KK];
-          load_row(Bg + int64_t(cur.i0) * k, k, b0);
-          load_row(Bg + int64_t(cur.i1) * k, k, b1);
+          if (stage) {  // two spelled-out paths: shared-memory loads stay LDS (not generic loads)
+            load_row(sFac + int64_t(cur.i0) * k, k, b0);
+            load_row(sFac + int64_t(cur.i1) * k, k, b1);
+          } else {
+            load_row(Bin + int64_t(cur.i0) * k, k, b0);
+            load_row(Bin + int64_t(cur.i1) * k, k, b1);
+          }
           const T r0 = dot(p, b0) - cur.y0;
           const T r1 = cur.has1 ? dot(p, b1) - cur.y1 : T(0);
           ls += r0 * r0 + r1 * r1;
@@ -364,20 +381,23 @@ __global__ void __launch_bounds__(kLrThreads, 1)
 #pragma unroll
         for (int c = 0; c < KK; ++c) g[c] = alpha * warp_sum(g[c]);
         lsum += warp_sum(ls);
-        T av[KK];
-        load_row(Ain + i * k, k, av);
-        // A'[i, t] = A[i, t] − lr_outer · (gP_i · Kpᵀ)_t; lane t writes column t.
+        // A'[i, t] = A[i, t] − lr_outer · (gP_i · Kpᵀ)_t: lane t computes and writes column t, all
+        // lanes at once (selects, not a branch per t, which would run the lanes one after another).
+        T gl = T(0);
 #pragma unroll
-        for (int t = 0; t < KK; ++t) {
-          if (t < k && lane == t) {
-            T s = T(0);
+        for (int c = 0; c < KK; ++c)
+          if (c == lane) gl = g[c];
+        if (lane < k) {
+          const T al = Ain[i * k + lane];
+          T s0 = T(0), s1 = T(0);
 #pragma unroll
-            for (int c = 0; c < KK; ++c)
-              if (c < k) s += g[c] * sKp[t * k + c];
-            Ao[i * k + t] = av[t] - lr_outer * s;
-            myrow[t] = av[t];
-            myrow[32 + t] = g[t];
+          for (int c = 0; c < KK; c += 2) {
+            if (c < k) s0 += g[c] * sKp[lane * k + c];
+            if (c + 1 < KK && c + 1 < k) s1 += g[c + 1] * sKp[lane * k + c + 1];
           }
+          Ao[i * k + lane] = al - lr_outer * (s0 + s1);
+          myrow[lane] = al;
+          myrow[32 + lane] = gl;
         }
         __syncwarp();
 #pragma unroll
@@ -403,7 +423,6 @@ __global__ void __launch_bounds__(kLrThreads, 1)
     } else {
       // ---- column owners: B'_j = B_j − lr_outer · alpha · (Σ_e r_e A_{i_e}) · Kp, r_e = A_{i_e} · Q_j − y_e.
       T* Bo = static_cast<T*>(odd ? a.B : a.B_tmp);
-      const T* Ag = stage ? sFac : Ain;
       const T* __restrict__ vals = static_cast<const T*>(a.vals_csc);
       const int cb = int(blockIdx.x) - nb_row;
       for (int64_t j = int64_t(cb) * kLrWarps + warp; j < a.cols; j += int64_t(nb_col) * kLrWarps) {
@@ -422,13 +441,19 @@ __global__ void __launch_bounds__(kLrThreads, 1)
           }
         }
         const int32_t e1 = a.col_ptr[j + 1];
-        PairFetch<T> f(a.csc_row, vals, a.col_ptr[j] + lane, e1);
+        PairFetch<T> f(a.csc_row, vals, a.col_ptr[j] + lane, (skip & 128) ? 0 : e1);
         while (f.has0) {
-          const PairFetch<T> cur = f;
+          PairFetch<T> cur = f;
+          if (skip & 64) cur.i0 = cur.i1 = 0;
           f.advance(a.csc_row, vals, e1);
           T a0[KK], a1[KK];
-          load_row(Ag + int64_t(cur.i0) * k, k, a0);
-          load_row(Ag + int64_t(cur.i1) * k, k, a1);
+          if (stage) {
+            load_row(sFac + int64_t(cur.i0) * k, k, a0);
+            load_row(sFac + int64_t(cur.i1) * k, k, a1);
+          } else {
+            load_row(Ain + int64_t(cur.i0) * k, k, a0);
+            load_row(Ain + int64_t(cur.i1) * k, k, a1);
+          }
           const T r0 = dot(a0, q) - cur.y0;
           const T r1 = cur.has1 ? dot(a1, q) - cur.y1 : T(0);
 #pragma unroll
@@ -436,25 +461,23 @@ __global__ void __launch_bounds__(kLrThreads, 1)
         }
 #pragma unroll
         for (int t = 0; t < KK; ++t) g[t] = warp_sum(g[t]);
-        T bv[KK];
-        load_row(Bin + j * k, k, bv);
+        // B'[j, c]: lane c computes and writes column c, all lanes at once.
+        if (lane < k) {
+          T s0 = T(0), s1 = T(0);
 #pragma unroll
-        for (int c = 0; c < KK; ++c) {
-          if (c < k && lane == c) {
-            T s = T(0);
-#pragma unroll
-            for (int t = 0; t < KK; ++t)
-              if (t < k) s += g[t] * sKp[t * k + c];
-            Bo[j * k + c] = bv[c] - lr_outer * alpha * s;
+          for (int t = 0; t < KK; t += 2) {
+            if (t < k) s0 += g[t] * sKp[t * k + lane];
+            if (t + 1 < KK && t + 1 < k) s1 += g[t + 1] * sKp[(t + 1) * k + lane];
           }
+          Bo[j * k + lane] = Bin[j * k + lane] - lr_outer * alpha * (s0 + s1);
         }
       }
     }
 
-    grid.sync();
+    if (!(skip & 4)) grid.sync();
 
     // The next iteration's factor starts streaming into shared memory during the K update.
-    const bool stage_next = stage && step + 1 < a.steps;
+    const bool stage_next = stage && step + 1 < a.steps && !(skip & 8);
     if (stage_next) {
       if (row_block) lowrank_stage_start(sFac, static_cast<const T*>(odd ? a.B : a.B_tmp), a.cols * k);
       else lowrank_stage_start(sFac, static_cast<const T*>(odd ? a.A : a.A_tmp), a.rows * k);
@@ -463,7 +486,7 @@ __global__ void __launch_bounds__(kLrThreads, 1)
     // ---- every block: gKp and the loss from the partials, in block order. Entry o's blocks are split
     // into `split` contiguous ranges summed by different threads (loads issued 16 at a time, added in
     // order); the range sums are then added in range order.
-    {
+    if (!(skip & 2)) {
       const int split = max(1, min(kLrThreads / kk1, nb_row));
       const int per = (nb_row + split - 1) / split;
       for (int w = tid; w < kk1 * split; w += kLrThreads) {
@@ -491,7 +514,7 @@ __global__ void __launch_bounds__(kLrThreads, 1)
     }
     // gK_l = X_l · Pre_lᵀ with X_{L-1} = gKp, X_{l-1} = K_lᵀ X_l (old K); K'_l = K_l − lr_inner · gK_l
     // into sKn. Level by level from the top: X_{l-1} and K'_l need only X_l, so they share a barrier.
-    for (int l = L - 1; l >= 0; --l) {
+    for (int l = (skip & 16) ? -1 : L - 1; l >= 0; --l) {
       for (int w = tid; w < 2 * kk; w += kLrThreads) {
         const int o = w < kk ? w : w - kk, i = o / k, j = o - i * k;
         if (w < kk)
@@ -506,7 +529,7 @@ __global__ void __launch_bounds__(kLrThreads, 1)
       sK = sKn;
       sKn = t;
     }
-    lowrank_prefixes<T, KK>(sK, sPre, sKp, k, L);
+    if (!(skip & 32)) lowrank_prefixes<T, KK>(sK, sPre, sKp, k, L);
     if (step == a.steps - 1 && blockIdx.x == 0) {
       for (int o = tid; o < L * kk; o += kLrThreads) static_cast<T*>(a.K[o / kk])[o % kk] = sK[o];
       if (tid == 0) *static_cast<T*>(a.loss) = T(0.5) * alpha * sLoss[0];
@@ -529,7 +552,19 @@ __global__ void __launch_bounds__(kLrThreads, 1)
 template <class T, int KK> void launch_lowrank(const LowrankStep& a, cudaStream_t s) {
   auto kernel = lowrank_steps_kernel<T, KK>;
   const int64_t stage_elems = lowrank_stage_elems(a.rows, a.cols, a.k, sizeof(T));
-  const bool stage = stage_elems * int64_t(sizeof(T)) <= kLowrankStageBytes;
+  // DEEPLORA_LOWRANK_STAGE=0 turns the staging off (a diagnostic knob, for timing it).
+  static const bool stage_allowed = [] {
+    const char* e = std::getenv("DEEPLORA_LOWRANK_STAGE");
+    return !(e && std::string(e) == "0");
+  }();
+  const bool stage = stage_allowed && stage_elems * int64_t(sizeof(T)) <= kLowrankStageBytes;
+  // DEEPLORA_LOWRANK_SKIP=<mask>: a timing diagnostic that leaves stages out (results are wrong):
+  // 1 the row/column phase, 2 the partial sums, 4 the grid barrier, 8 the staging, 16 the K update,
+  // 32 the prefixes, 64 gathers of one fixed row instead of the entries' rows, 128 no entries.
+  static const int skip = [] {
+    const char* e = std::getenv("DEEPLORA_LOWRANK_SKIP");
+    return e ? std::atoi(e) : 0;
+  }();
   const size_t smem = size_t(lowrank_step_smem_elems(a.k, a.L) + (stage ? stage_elems : 0)) * sizeof(T);
   int dev = 0, sms = 0, per_sm = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
@@ -554,7 +589,7 @@ template <class T, int KK> void launch_lowrank(const LowrankStep& a, cudaStream_
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, nb_row, nb_col, stage ? stage_elems : int64_t(0)));
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, nb_row, nb_col, stage ? stage_elems : int64_t(0), skip));
 }
 
 // ---- recovery error over the unobserved entries --------------------------------------------------
