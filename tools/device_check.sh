@@ -173,7 +173,7 @@ fi
 
 if has deepmc_scale; then
   log "deep matrix completion, compressed, at scale (200 observations per row, as d=1000 p=0.2; --lr auto)"
-  for spec in "10000 40000" "100000 60000"; do
+  for spec in "10000 40000" "100000 40000"; do
     set -- $spec
     ./build/deep_mc --d $1 --r 5 --obs-per-row 200 --L 3 --eps 1e-3 --lr auto --gamma 0.01 --iters $2 \
       --tol 1e-12 --method compressed --dtype f64 --device cuda --graph on --log-every 5000 > "$OUT/logs/deepmc_$1.log" 2>&1
