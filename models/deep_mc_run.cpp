@@ -78,7 +78,7 @@ std::string usage() {
   --graph on|off   capture the step as a CUDA graph (on)
   --log-every N    log interval (1000)                --csv PATH   trajectory CSV
   --target FILE    load M and the mask (format: models/deep_mc.h)   --save-target FILE
-  --impl fused|tape   compressed step (fused)         --init auto|exact|implicit   compressed init (auto)
+  --impl fused|tape   step: hand-fused, or op by op on the tape (fused)   --init auto|exact|implicit   compressed init (auto)
   --eval-sample N  recovery error on N sampled unobserved entries (0 exact; default exact up to d = 20000)
   --svd-iters N    power iterations of the sparse randomized SVD (8)   --quiet
 exit status: 0 ok, 2 bad input, 3 diverged (non-finite loss), 1 other errors)";
