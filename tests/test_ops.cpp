@@ -14,11 +14,13 @@
 #include "kernels/matmul.h"
 #include "runtime/device.h"
 #include "runtime/ops.h"
+#include "test_util.h"
 #ifdef DEEPLORA_HAVE_CUDA
 #include "runtime/cuda_check.h"
 #endif
 
 using namespace deeplora;
+using test::rel_err;
 
 namespace {
 
@@ -111,16 +113,6 @@ Tensor weighted_loss(const Tensor& y, uint64_t seed) {
   if (y.numel() == 1) return ops::sum(y);
   Tensor w = Tensor::randn(y.shape(), seed, DType::f64, Device::cpu).to(y.dtype()).to(y.device());
   return ops::sum(ops::mul(y, w));
-}
-
-double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
 }
 
 int g_gradchecks = 0, g_devchecks = 0, g_skipped = 0;

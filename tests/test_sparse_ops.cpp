@@ -16,8 +16,10 @@
 #include "runtime/graph.h"
 #include "runtime/ops.h"
 #include "runtime/ops_sparse.h"
+#include "test_util.h"
 
 using namespace deeplora;
+using test::rel_err;
 
 namespace {
 
@@ -37,16 +39,6 @@ SparsePattern random_pattern(int64_t rows, int64_t cols, double fill, uint64_t s
     std::swap(c[e - 1], c[k]);
   }
   return SparsePattern::from_pairs(rows, cols, r, c, dev);
-}
-
-double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
 }
 
 // Finite differences of a scalar function of f64 CPU leaves, against the tape's gradients.

@@ -1,9 +1,12 @@
-// Helpers shared by the test suites: temporary directories and small random token shards.
+// Helpers shared by the test suites: error messages, relative errors, temporary directories and
+// small random token shards.
 #pragma once
 #include <fmt/format.h>
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <exception>
 #include <filesystem>
@@ -40,6 +43,17 @@ inline std::string runtime_error_of(const std::function<void()>& f) {
 }
 
 inline bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+// ‖a − b‖₂ / ‖b‖₂ (b's norm floored at 1e-30); infinity if either holds a non-finite value.
+inline double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
 
 // A fresh directory under the system temp dir, removed when the object goes away.
 struct TempDir {
