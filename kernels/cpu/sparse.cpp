@@ -171,13 +171,14 @@ void lowrank_step(const LowrankStep& a, cudaStream_t) {
     const T alpha = T(a.alpha);
     std::vector<T> pre(static_cast<size_t>(size_t(L * kk))), kp(static_cast<size_t>(size_t(kk)));
     std::vector<T> p(static_cast<size_t>(size_t(k))), g(static_cast<size_t>(size_t(k))), q(static_cast<size_t>(size_t(k)));
-    std::vector<T> X(static_cast<size_t>(size_t(L * kk))), gk(static_cast<size_t>(size_t(L * kk)));
+    std::vector<T> X(static_cast<size_t>(size_t(L * kk))), gk(static_cast<size_t>(size_t(L * kk))),
+        gkp(static_cast<size_t>(size_t(kk)));
     for (int64_t step = 0; step < a.steps; ++step) {
       // Prefix products Pre_l = K_{l-1}⋯K_1 (Pre_1 = I); Kp = K_L·Pre_L.
       for (int64_t i = 0; i < kk; ++i) pre[size_t(i)] = (i / k == i % k) ? T(1) : T(0);
       for (int64_t l = 1; l < L; ++l) mm<T>(K[size_t(l - 1)], &pre[size_t((l - 1) * kk)], &pre[size_t(l * kk)], k);
       mm<T>(K[size_t(L - 1)], &pre[size_t((L - 1) * kk)], kp.data(), k);
-      std::vector<T> gkp(size_t(kk), T(0));
+      std::fill(gkp.begin(), gkp.end(), T(0));
       T loss = 0;
       // Row owners: P_i = A_i Kp, gP_i = alpha Σ_e r_e B_j, A'_i = A_i − lr_outer gP_i Kpᵀ, gKp += A_iᵀ gP_i.
       for (int64_t i = 0; i < a.rows; ++i) {
