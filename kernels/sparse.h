@@ -29,16 +29,20 @@ constexpr int kSgdMaxItems = 8;  // per launch; sgd_multi takes any number and l
 // - column-owner warps: Q_j = Kp·B_jᵀ, r_e = A_{i_e}·Q_j − vals[e] over their column (CSC),
 //   B'_j = B_j − lr_outer·alpha·(Σ_e r_e·A_{i_e})·Kp;
 // - grid barrier; then every block sums the partials in block order (the same order in every block,
-//   so all blocks hold bit-identical K_l), forms gK_l = (K_L⋯K_{l+1})ᵀ·gKp·(K_{l−1}⋯K_1)ᵀ and updates
-//   its K_l. The next iterate of A, B lives in A_tmp, B_tmp (ping-pong); after the last iteration the
-//   result is in A, B (an odd count ends with a copy), K_l are written back, and `loss` holds the loss
-//   of the last iteration's input iterate. No float atomics: the result does not depend on timing.
+//   so all blocks hold bit-identical K_l), forms
+//   gK_l = (K_L⋯K_{l+1})ᵀ·gKp·(K_{l−1}⋯K_1)ᵀ and updates its K_l. The next iterate of A, B lives in
+//   A_tmp, B_tmp (ping-pong); after the last iteration the result is in A, B (an odd count ends with a
+//   copy), K_l are written back, and `loss` holds the loss of the last iteration's input iterate. No
+//   float atomics: the result does not depend on timing. Within a row (column) the entries may come in
+//   any order; for small d the kernel keeps each block's entries in shared memory, reordered so that
+//   the lanes of a quarter-warp gather from different shared-memory banks.
 constexpr int kLowrankMaxL = 16;
 constexpr int kLowrankThreads = 512;       // threads of a block of the fused kernel
 constexpr int kLowrankMaxRowBlocks = 128;  // row-owner blocks (bounds the partials each block sums)
 struct LowrankStep {
   DType dt = DType::f64;
   int64_t rows = 0, cols = 0, k = 0, L = 0;
+  int64_t nnz = 0;  // entries of the pattern (sizes the shared-memory copy of the entries; 0: no copy)
   int64_t steps = 1;
   const int32_t* row_ptr = nullptr;  // CSR [rows + 1]
   const int32_t* col_idx = nullptr;  // CSR [nnz]
@@ -55,12 +59,19 @@ struct LowrankStep {
   void* loss = nullptr;  // one element of dt
   void* work = nullptr;  // lowrank_step_workspace_bytes(k) bytes of device memory (any content)
 };
-// Shared memory of the fused kernel, in elements of dt (besides the staged factor): the K_l and their
-// update, their prefix products Pre_l and the back-propagated chain X_l, Kp, the loss, per-warp rows,
-// per-warp gKp shares, and the split sums of the partials.
+// The register-array bound the fused kernel is compiled for: k itself for the common widths (k = 2r = 10
+// is the paper's), else the next bound up (entries past k are predicated off).
+inline int64_t lowrank_kk(int64_t k) {
+  return k <= 2 ? 2 : k <= 4 ? 4 : k <= 8 ? 8 : k <= 10 ? 10 : k <= 16 ? 16 : 32;
+}
+// Shared memory of the fused kernel, in elements of dt (besides the staged factor and entries): per-warp
+// rows (own row, its product with Kp, the reduced gradient and loss), the K_l, their update, prefix and
+// suffix products, the back-propagated gKp products and Kp (each padded to lowrank_kk(k)² elements),
+// the loss, per-warp gKp shares, and the split sums of the partials.
 inline int64_t lowrank_step_smem_elems(int64_t k, int64_t L) {
-  const int64_t kk = k * k, warps = kLowrankThreads / 32;
-  return 4 * L * kk + kk + 2 + warps * 64 + warps * (kk + 1) + (kk + 1 > kLowrankThreads ? kk + 1 : kLowrankThreads);
+  const int64_t kk = k * k, KK = lowrank_kk(k), warps = kLowrankThreads / 32;
+  return warps * (3 * KK + 2) + (5 * L + 1) * KK * KK + 2 + warps * (kk + 1) +
+         (kk + 1 > kLowrankThreads ? kk + 1 : kLowrankThreads);
 }
 // The staged factor (GPU, small d): max(rows, cols) x k elements, rounded up to 16 bytes. Staged
 // when it takes at most kLowrankStageBytes.
@@ -71,7 +82,7 @@ inline int64_t lowrank_stage_elems(int64_t rows, int64_t cols, int64_t k, int64_
   return (n + per16 - 1) / per16 * per16;
 }
 // Limits of the fused kernel (else use the op-by-op path): k in [1, 32], 1 <= L <= 16, shared memory
-// within 96 KiB (k = 10, L = 3 in f64 takes 40 KiB).
+// within 96 KiB (k = 10, L = 3 in f64 takes 34 KiB).
 inline bool lowrank_step_supported(DType dt, int64_t k, int64_t L) {
   if (dt != DType::f64 && dt != DType::f32) return false;
   if (k < 1 || k > 32 || L < 1 || L > kLowrankMaxL) return false;

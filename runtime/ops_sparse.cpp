@@ -288,6 +288,7 @@ void lowrank_step(const SparsePattern& pat, const Tensor& vals_csr, const Tensor
   s.k = k;
   s.L = int64_t(K.size());
   s.steps = steps;
+  s.nnz = pat.nnz;
   s.row_ptr = pat.row_ptr.data_as<int32_t>();
   s.col_idx = pat.col_idx.data_as<int32_t>();
   s.col_ptr = pat.col_ptr.data_as<int32_t>();

@@ -338,6 +338,29 @@ TEST_CASE("sparse ops and the fused step: CPU vs CUDA (f64, f32)") {
           for (auto& kl : s.K) res[int(dev)].push_back(kl);
         }
       }
+      // Depths 1, 2 and 4 (the prefix/suffix chains and the two-level K update at other lengths).
+      for (int L : {1, 2, 4}) {
+        std::vector<Tensor> K;
+        for (int l2 = 0; l2 < L; ++l2) K.push_back(randn({6, 6}, uint64_t(90 + l2), dev, dt, 0.5));
+        StepOut s = fused_step(p, v.detach(), randn({300, 6}, 94, dev, dt, 0.5), randn({170, 6}, 95, dev, dt, 0.5), K,
+                               1e-3, 0.5, 0.125, 3);
+        res[int(dev)].push_back(s.A);
+        res[int(dev)].push_back(s.B);
+        res[int(dev)].push_back(s.loss);
+        for (auto& kl : s.K) res[int(dev)].push_back(kl);
+      }
+      // Many rows per warp with the factor staged in shared memory (the entries are not kept there).
+      {
+        SparsePattern tall = random_pattern(2600, 40, 0.1, 96, dev);
+        std::vector<Tensor> K;
+        for (int l2 = 0; l2 < 3; ++l2) K.push_back(randn({2, 2}, uint64_t(97 + l2), dev, dt, 0.7));
+        StepOut s = fused_step(tall, randn({tall.nnz}, 100, dev, dt), randn({2600, 2}, 101, dev, dt, 0.5),
+                               randn({40, 2}, 102, dev, dt, 0.5), K, 1e-4, 1.0, 0.5, 4);
+        res[int(dev)].push_back(s.A);
+        res[int(dev)].push_back(s.B);
+        res[int(dev)].push_back(s.loss);
+        for (auto& kl : s.K) res[int(dev)].push_back(kl);
+      }
       // A large pattern: several rows per warp (grid-strided), many row blocks' partials.
       SparsePattern big = random_pattern(9000, 700, 0.01, 77, dev);
       std::vector<Tensor> K;

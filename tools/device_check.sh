@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build (sm_90), run the tests (CPU-vs-CUDA included), compute-sanitizer,
 # reference cross-checks, benchmarks beside their peers; logs under $OUT, a short table last.
-#   bash tools/device_check.sh [build test sanitize fixture tokenizer bench train deepmc peers_train peers_mc]
+#   bash tools/device_check.sh [build test sanitize fixture tokenizer bench train deepmc deepmc_scale profile_mc
+#                               peers_train peers_mc]
 # Peers are read from .peers/ (a copy of ../shared/peers, carried with the call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ if has build; then
     prefix="-DCMAKE_PREFIX_PATH=$PWD/.deps/root/usr -DPCRE2_ROOT=$PWD/.deps/root/usr"
   fi
   { cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DDEEPLORA_CUDA_ARCH=90 $prefix \
-      && cmake --build build -j "$(nproc)"; } > "$OUT/logs/build.log" 2>&1
+      && cmake --build build -j "$(nproc)" ${BUILD_TARGETS:+--target $BUILD_TARGETS}; } > "$OUT/logs/build.log" 2>&1
   result[build]=$([[ $? -eq 0 ]] && echo ok || echo FAILED)
   grep -E "error|warning|Error" "$OUT/logs/build.log" | head -30
   if [[ ${result[build]} != ok ]]; then tail -30 "$OUT/logs/build.log"; tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs; exit 1; fi
@@ -36,7 +37,8 @@ fi
 
 if has test; then
   log "tests"
-  # TEST_FILTER: a doctest -tc pattern (e.g. '*deep_mc*,*sparse*') to run a subset.
+  # TEST_FILTER: a doctest -tc pattern (e.g. '*deep_mc*,*sparse*') to run a subset. Other knobs:
+  # BUILD_TARGETS (build only these), DEEPMC_METHODS (the deepmc stage's methods; default both).
   (cd build && ./deeplora_tests --duration=false ${TEST_FILTER:+-tc="$TEST_FILTER"}) > "$OUT/logs/test.log" 2>&1
   result[test]=$(grep -E "^\[doctest\] (test cases|assertions)" "$OUT/logs/test.log" | tr -s ' ' | paste -sd' ')
   grep -B2 -A8 "ERROR" "$OUT/logs/test.log" | head -60
@@ -162,7 +164,7 @@ fi
 if has deepmc; then
   log "deep matrix completion (ours): the authors' setting, graph capture on and off"
   COMMON="--d 1000 --r 5 --p 0.2 --L 3 --eps 1e-3 --lr 5e3 --gamma 0.01 --iters 20000 --dtype f64 --device cuda"
-  for m in compressed original; do
+  for m in ${DEEPMC_METHODS:-compressed original}; do
     for g in on off; do
       ./build/deep_mc $COMMON --method $m --graph $g --log-every 5000 $([[ $g == on ]] && echo "--csv $OUT/mc_$m.csv") \
         > "$OUT/logs/deepmc_${m}_$g.log" 2>&1
@@ -179,6 +181,19 @@ if has deepmc_scale; then
       --tol 1e-12 --method compressed --dtype f64 --device cuda --graph on --log-every 5000 > "$OUT/logs/deepmc_$1.log" 2>&1
     result[deepmc_$1]=$(tail -1 "$OUT/logs/deepmc_$1.log" | python3 -c "import json,sys; r=json.loads(sys.stdin.read())['runs'][0]; print(f\"{r['iters']} iters, {r['seconds']:.2f} s, {r['us_per_iter']:.1f} us/iter, recovery {r['recovery']:.2e} (sampled={r['recovery_estimated']})\")" 2>/dev/null)
   done
+fi
+
+if has profile_mc; then
+  log "ncu: one launch of the fused compressed kernel (250 iterations, d=1000), stall samples per line"
+  ncu --clock-control none -k regex:lowrank_steps -c 1 --import-source yes \
+    --section SourceCounters --section WarpStateStats --section SchedulerStats --section LaunchStats \
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SpeedOfLight -f -o "$OUT/lowrank" \
+    ./build/deep_mc --d 1000 --r 5 --p 0.2 --L 3 --eps 1e-3 --lr 5e3 --gamma 0.01 --iters 250 --log-every 250 \
+    --method compressed --dtype f64 --device cuda --graph off > "$OUT/logs/ncu_run.log" 2>&1
+  ncu -i "$OUT/lowrank.ncu-rep" --page details > "$OUT/logs/ncu_details.txt" 2>&1
+  ncu -i "$OUT/lowrank.ncu-rep" --page source --csv --print-source sass > "$OUT/logs/ncu_sass.csv" 2>&1
+  ncu -i "$OUT/lowrank.ncu-rep" --page source --csv --print-source cuda > "$OUT/logs/ncu_cuda.csv" 2>&1
+  result[profile_mc]=$(grep -E "^ +Duration" "$OUT/logs/ncu_details.txt" | head -1 | tr -s ' ')
 fi
 
 if has peers_mc; then

@@ -3,7 +3,7 @@
 // pattern order; reductions go through per-block partials summed in block order (two launches, or
 // every block of a cooperative launch after a grid barrier).
 #include <cooperative_groups.h>
-#include <cuda_pipeline.h>
+#include <cuda/ptx>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -214,49 +214,170 @@ template <class T, int KK> __device__ __forceinline__ T dot(const T (&x)[KK], co
   return s0 + s1;
 }
 
-// Entry (i, j) of op(A) · op(B) for k x k row-major matrices in shared memory (k <= KK, unrolled).
-// Two accumulators (even and odd t) halve the dependent chain of multiply-adds.
-template <class T, int KK, bool TA, bool TB>
-__device__ __forceinline__ T mm_entry(const T* A, const T* B, int k, int i, int j) {
+// Σ_t x[t] · y[t · stride] over t < KK (x, y in shared memory; entries past k are zero), two accumulators.
+template <class T, int KK> __device__ __forceinline__ T dot_strided(const T* x, const T* y, int stride) {
   T s0 = T(0), s1 = T(0);
 #pragma unroll
-  for (int t = 0; t < KK; ++t)
-    if (t < k) {
-      const T v = (TA ? A[t * k + i] : A[i * k + t]) * (TB ? B[j * k + t] : B[t * k + j]);
-      if (t % 2 == 0) s0 += v;
-      else s1 += v;
-    }
+  for (int t = 0; t < KK; t += 2) {
+    s0 += x[t] * y[t * stride];
+    if (t + 1 < KK) s1 += x[t + 1] * y[(t + 1) * stride];
+  }
   return s0 + s1;
 }
 
-// Pre_0 = I (set once, never written), Pre_l = K_{l-1} Pre_{l-1}, Kp = K_{L-1} Pre_{L-1} (0-based
-// K_0 .. K_{L-1}). Pre_1 = K_0 is a copy, so Pre_2 = K_1 K_0 joins it: max(1, L - 1) block barriers.
-template <class T, int KK> __device__ void lowrank_prefixes(const T* sK, T* sPre, T* sKp, int k, int L) {
+// o / k and o % k for o < 1024, k <= 32, by a multiply: floor(o · ceil(2^20 / k) / 2^20) is exact there.
+struct DivK {
+  uint32_t k, m;
+  __device__ explicit DivK(int k_) : k(uint32_t(k_)), m((uint32_t(1) << 20) / uint32_t(k_) + 1) {}
+  __device__ __forceinline__ void split(int o, int& i, int& j) const {
+    i = int((uint32_t(o) * m) >> 20);
+    j = o - i * int(k);
+  }
+};
+
+// The k x k inner matrices live in shared memory as KK x KK (row stride KK), zero past k: their products
+// keep the zeros, and the unrolled products below need no bounds (all loads independent).
+// Entry (i, j) of op(A) · op(B); two accumulators (even and odd t) halve the dependent chain.
+template <class T, int KK, bool TA, bool TB> __device__ __forceinline__ T mm_entry(const T* A, const T* B, int i, int j) {
+  T s0 = T(0), s1 = T(0);
+#pragma unroll
+  for (int t = 0; t < KK; ++t) {
+    const T v = (TA ? A[t * KK + i] : A[i * KK + t]) * (TB ? B[j * KK + t] : B[t * KK + j]);
+    if (t % 2 == 0) s0 += v;
+    else s1 += v;
+  }
+  return s0 + s1;
+}
+
+// Splits a flat index w < n·kk into (l, o): l = w / kk, o = w % kk (l is small: a few subtractions).
+__device__ __forceinline__ void split_level(int w, int kk, int& l, int& o) {
+  l = 0;
+  o = w;
+  while (o >= kk) {
+    o -= kk;
+    ++l;
+  }
+}
+
+// From the K_l (0-based K_0 .. K_{L-1}): prefixes Pre_l = K_{l-1}⋯K_0 (Pre_0 = I is set once and never
+// written; Pre_L is Kp) and suffixes S_l = K_{L-1}⋯K_{l+1} (S_{L-1} = I, set once). Both chains grow
+// one factor per level, side by side: max(1, L - 1) block barriers.
+template <class T, int KK>
+__device__ void lowrank_chains(const T* sK, T* sPre, T* sSuf, T* sKp, int k, int L, DivK dk) {
+  constexpr int M2 = KK * KK;
   const int kk = k * k;
-  auto dst = [&](int l) { return l == L ? sKp : sPre + l * kk; };
-  for (int o = threadIdx.x; o < kk; o += kLrThreads) {
-    dst(1)[o] = sK[o];
-    if (L >= 2) dst(2)[o] = mm_entry<T, KK, false, false>(sK + kk, sK, k, o / k, o % k);
+  auto pre = [&](int l) { return l == L ? sKp : sPre + l * M2; };
+  for (int w = threadIdx.x; w < 4 * kk; w += kLrThreads) {
+    int part, o, i, j;
+    split_level(w, kk, part, o);
+    dk.split(o, i, j);
+    const int x = i * KK + j;
+    if (part == 0) pre(1)[x] = sK[x];
+    else if (part == 1 && L >= 2) pre(2)[x] = mm_entry<T, KK, false, false>(sK + M2, sK, i, j);
+    else if (part == 2 && L >= 2) sSuf[(L - 2) * M2 + x] = sK[(L - 1) * M2 + x];
+    else if (part == 3 && L >= 3)
+      sSuf[(L - 3) * M2 + x] = mm_entry<T, KK, false, false>(sK + (L - 1) * M2, sK + (L - 2) * M2, i, j);
   }
   __syncthreads();
-  for (int l = 3; l <= L; ++l) {
-    for (int o = threadIdx.x; o < kk; o += kLrThreads)
-      dst(l)[o] = mm_entry<T, KK, false, false>(sK + (l - 1) * kk, sPre + (l - 1) * kk, k, o / k, o % k);
+  for (int m = 2; m + 1 <= L || L - 2 - m >= 0; ++m) {
+    for (int w = threadIdx.x; w < 2 * kk; w += kLrThreads) {
+      int part, o, i, j;
+      split_level(w, kk, part, o);
+      dk.split(o, i, j);
+      const int x = i * KK + j;
+      if (part == 0 && m + 1 <= L) pre(m + 1)[x] = mm_entry<T, KK, false, false>(sK + m * M2, sPre + m * M2, i, j);
+      else if (part == 1 && L - 2 - m >= 0)
+        sSuf[(L - 2 - m) * M2 + x] = mm_entry<T, KK, false, false>(sSuf + (L - 1 - m) * M2, sK + (L - 1 - m) * M2, i, j);
+    }
     __syncthreads();
   }
 }
 
+// K'_l = K_l − lr · gK_l with gK_l = S_lᵀ · gKp · Pre_lᵀ (all from the old K_l), into sKn. gKp is in
+// sM + (L-1)·KK². Level 1: K'_0 = K_0 − lr·S_0ᵀ gKp, K'_{L-1} = K_{L-1} − lr·gKp Pre_{L-1}ᵀ and
+// M_l = S_lᵀ gKp for the others; level 2: K'_l = K_l − lr·M_l Pre_lᵀ. Two block barriers (one for L <= 2).
+template <class T, int KK>
+__device__ void lowrank_update_K(const T* sK, T* sKn, const T* sPre, const T* sSuf, T* sM, T lr, int k, int L,
+                                 DivK dk) {
+  constexpr int M2 = KK * KK;
+  const int kk = k * k;
+  const T* gkp = sM + (L - 1) * M2;
+  for (int w = threadIdx.x; w < L * kk; w += kLrThreads) {
+    int l, o, i, j;
+    split_level(w, kk, l, o);
+    dk.split(o, i, j);
+    const int x = l * M2 + i * KK + j;
+    if (l == L - 1 && L >= 2) sKn[x] = sK[x] - lr * mm_entry<T, KK, false, true>(gkp, sPre + l * M2, i, j);
+    else if (l == 0) sKn[x] = sK[x] - lr * mm_entry<T, KK, true, false>(sSuf, gkp, i, j);
+    else sM[x] = mm_entry<T, KK, true, false>(sSuf + l * M2, gkp, i, j);
+  }
+  __syncthreads();
+  if (L < 3) return;
+  for (int w = threadIdx.x; w < (L - 2) * kk; w += kLrThreads) {
+    int l, o, i, j;
+    split_level(w, kk, l, o);
+    ++l;
+    dk.split(o, i, j);
+    const int x = l * M2 + i * KK + j;
+    sKn[x] = sK[x] - lr * mm_entry<T, KK, false, true>(sM + l * M2, sPre + l * M2, i, j);
+  }
+  __syncthreads();
+}
+
+// Sums v[0..N) over the 32 lanes of a warp by recursive halving: at xor distance M a lane keeps one half
+// of its values and sends the other (N → ceil(N/2)), so a warp exchanges about N + 4 values, not 5·N.
+// Afterwards the lane holds the full sums of elements off, off + 1, …, the first `real` of them real
+// (the rest are padding: the upper half of an odd count is one short).
+template <class T, int NA, int N, int M> struct HalvingSum {
+  static __device__ __forceinline__ void run(T (&v)[NA], int lane, int& off, int& real) {
+    constexpr int lo = (N + 1) / 2;
+    const bool up = lane & M;
+#pragma unroll
+    for (int u = 0; u < lo; ++u) {
+      const T a = v[u];
+      const T b = u + lo < N ? v[u + lo < NA ? u + lo : 0] : T(0);
+      v[u] = (up ? b : a) + __shfl_xor_sync(0xffffffffu, up ? a : b, M);
+    }
+    if (up) {
+      off += lo;
+      real = max(0, real - lo);
+    } else {
+      real = min(real, lo);
+    }
+    HalvingSum<T, NA, lo, M / 2>::run(v, lane, off, real);
+  }
+};
+template <class T, int NA, int N> struct HalvingSum<T, NA, N, 0> {
+  static __device__ __forceinline__ void run(T (&)[NA], int, int&, int&) {}
+};
+// How many values a lane holds at the end.
+template <int N, int M> struct HalvingLeft {
+  static constexpr int value = HalvingLeft<(N + 1) / 2, M / 2>::value;
+};
+template <int N> struct HalvingLeft<N, 0> {
+  static constexpr int value = N;
+};
+// dst[e] = scale_e · Σ_lanes v[e] for e < N (scale for e < n_scaled, 1 past it). dst in shared memory.
+template <class T, int N>
+__device__ __forceinline__ void warp_reduce_to(T (&v)[N], int n_scaled, T scale, T* dst, int lane) {
+  int off = 0, real = N;
+  HalvingSum<T, N, N, 16>::run(v, lane, off, real);
+#pragma unroll
+  for (int u = 0; u < HalvingLeft<N, 16>::value; ++u)
+    if (u < real) dst[off + u] = off + u < n_scaled ? scale * v[u] : v[u];
+}
+
 // A lane's two entries e and e + 32 of a row (column) of the pattern: their indices and targets.
 // Missing entries read index 0 and target 0 (their residual is then forced to 0 by the caller).
+// idx and vals are shared or global memory.
 template <class T> struct PairFetch {
   int32_t e, i0, i1;
   T y0, y1;
   bool has0, has1;
-  __device__ __forceinline__ PairFetch(const int32_t* __restrict__ idx, const T* __restrict__ vals, int32_t e_,
-                                       int32_t e1) : e(e_) {
+  __device__ __forceinline__ PairFetch(const int32_t* idx, const T* vals, int32_t e_, int32_t e1) : e(e_) {
     load(idx, vals, e1);
   }
-  __device__ __forceinline__ void load(const int32_t* __restrict__ idx, const T* __restrict__ vals, int32_t e1) {
+  __device__ __forceinline__ void load(const int32_t* idx, const T* vals, int32_t e1) {
     has0 = e < e1;
     has1 = e + 32 < e1;
     i0 = has0 ? idx[e] : 0;
@@ -264,155 +385,245 @@ template <class T> struct PairFetch {
     y0 = has0 ? vals[e] : T(0);
     y1 = has1 ? vals[e + 32] : T(0);
   }
-  __device__ __forceinline__ void advance(const int32_t* __restrict__ idx, const T* __restrict__ vals, int32_t e1) {
+  __device__ __forceinline__ void advance(const int32_t* idx, const T* vals, int32_t e1) {
     e += 64;
     load(idx, vals, e1);
   }
 };
 
-// Starts copying n elements of src (global, written by other blocks before the last grid barrier)
-// into shared dst with cp.async (L2 only, no registers held); lowrank_stage_wait() completes it.
-template <class T> __device__ __forceinline__ void lowrank_stage_start(T* dst, const T* src, int64_t n) {
-  const int64_t bytes = n * int64_t(sizeof(T));
-  const int64_t n16 = bytes / 16;
-  for (int64_t x = threadIdx.x; x < n16; x += kLrThreads)
-    __pipeline_memcpy_async(reinterpret_cast<char*>(dst) + 16 * x, reinterpret_cast<const char*>(src) + 16 * x, 16);
-  __pipeline_commit();
-  for (int64_t x = n16 * 16 / int64_t(sizeof(T)) + threadIdx.x; x < n; x += kLrThreads) dst[x] = __ldcg(src + x);
-}
-__device__ __forceinline__ void lowrank_stage_wait() {
-  __pipeline_wait_prior(0);
-  __syncthreads();
+// One row's (column's) entries [e, e1) for a warp, lane-strided, two per lane per pass (the next pass's
+// indices and targets load during this one): r = v · F_idx − y, g += r · F_idx, and (kLoss) ls += r².
+// The row side (v = P_i, F = B) and the column side (v = Q_j, F = A) are this same loop. fac is the
+// staged factor in shared memory or the global one; after inlining its loads stay LDS for the former.
+template <class T, int KK, bool kLoss>
+__device__ __forceinline__ void lowrank_entries(const T (&v)[KK], T (&g)[KK], T& ls, const int32_t* idx, const T* vals,
+                                                int32_t e, int32_t e1, const T* fac, int k) {
+  PairFetch<T> f(idx, vals, e, e1);
+  while (f.has0) {
+    const PairFetch<T> cur = f;
+    f.advance(idx, vals, e1);
+    T b0[KK], b1[KK];
+    load_row(fac + int64_t(cur.i0) * k, k, b0);
+    load_row(fac + int64_t(cur.i1) * k, k, b1);
+    const T r0 = dot(v, b0) - cur.y0;
+    const T r1 = cur.has1 ? dot(v, b1) - cur.y1 : T(0);
+    if (kLoss) ls += r0 * r0 + r1 * r1;
+#pragma unroll
+    for (int c = 0; c < KK; ++c) g[c] += r0 * b0[c] + r1 * b1[c];
+  }
 }
 
+// Copies one row's (column's) entries [ge0, ge1) into shared memory (sidx, svals), reordered so that
+// each aligned group of 8 positions gathers factor rows that start in different 16-byte bank groups of
+// shared memory (the lanes of a quarter-warp then load without bank conflicts): round t takes the t-th
+// entry of every bank class that still has one. One warp, once per launch.
+template <class T>
+__device__ void stage_entries_banked(const int32_t* __restrict__ gidx, const T* __restrict__ gvals, int32_t ge0,
+                                     int32_t ge1, int32_t* sidx, T* svals, uint32_t row_bytes, int lane) {
+  const int n = ge1 - ge0;
+  auto cls = [&](int32_t ix) { return int(((uint32_t(ix) * row_bytes) >> 4) & 7u); };
+  int cnt[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int base = 0; base < n; base += 32) {
+    const int c = base + lane < n ? cls(gidx[ge0 + base + lane]) : 8;
+#pragma unroll
+    for (int cc = 0; cc < 8; ++cc) cnt[cc] += __popc(__ballot_sync(0xffffffffu, c == cc));
+  }
+  int seen[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const uint32_t below = (1u << lane) - 1u;
+  for (int base = 0; base < n; base += 32) {
+    const bool ok = base + lane < n;
+    const int32_t ix = ok ? gidx[ge0 + base + lane] : 0;
+    const int c = ok ? cls(ix) : 8;
+    int rank = 0;
+#pragma unroll
+    for (int cc = 0; cc < 8; ++cc) {
+      const uint32_t b = __ballot_sync(0xffffffffu, c == cc);
+      if (c == cc) rank = seen[cc] + __popc(b & below);
+      seen[cc] += __popc(b);
+    }
+    if (ok) {
+      int pos = 0;
+#pragma unroll
+      for (int cc = 0; cc < 8; ++cc) pos += min(cnt[cc], rank) + (cc < c && cnt[cc] > rank ? 1 : 0);
+      sidx[pos] = ix;
+      svals[pos] = gvals[ge0 + base + lane];
+    }
+  }
+}
+
+// Staging the factor a block gathers from (written by other blocks before the last grid barrier) into
+// shared memory: one bulk copy by the tensor memory accelerator (thread 0 issues it; an mbarrier in
+// shared memory counts its bytes), plus plain loads for a tail that is not a multiple of 16 bytes.
+namespace ptx = ::cuda::ptx;
+
+struct StageBarrier {
+  uint64_t* bar;
+  uint32_t phase = 0;
+  __device__ void init() const {
+    if (threadIdx.x == 0) {
+      ptx::mbarrier_init(bar, 1);
+      ptx::fence_proxy_async(ptx::space_shared);  // the barrier, seen by the copy engine
+    }
+    __syncthreads();
+  }
+  // Every thread calls it (the caller has barred the block: no thread still reads dst).
+  template <class T> __device__ void start(T* dst, const T* src, int64_t n) const {
+    const uint32_t bulk = uint32_t(n * int64_t(sizeof(T)) / 16 * 16);
+    if (threadIdx.x == 0) {
+      // Order this block's generic-proxy view (the other blocks' writes of src, acquired at the grid
+      // barrier, and this block's reads of dst) before the async-proxy copy.
+      ptx::fence_proxy_async();
+      ptx::mbarrier_arrive_expect_tx(ptx::sem_release, ptx::scope_cta, ptx::space_shared, bar,
+                                           bulk);
+      if (bulk > 0) ptx::cp_async_bulk(ptx::space_cluster, ptx::space_global, dst, src, bulk, bar);
+    }
+    for (int64_t x = bulk / sizeof(T) + threadIdx.x; x < n; x += kLrThreads) dst[x] = __ldcg(src + x);
+  }
+  // Every thread waits for the copy, then the block bars (the tail's plain stores).
+  __device__ void wait() {
+    while (!ptx::mbarrier_try_wait_parity(bar, phase)) {
+    }
+    phase ^= 1u;
+    __syncthreads();
+  }
+};
+
 // KK: compile-time bound on k (register arrays), runtime k <= KK. Blocks [0, nb_row) own rows, the
-// rest own columns; a warp owns a row (column) at a time, grid-strided. stage_elems > 0: the factor a block
-// gathers from (B for row owners, A for column owners) is copied into shared memory once per
-// iteration (small d), so the per-entry gathers read shared memory instead of L2.
+// rest own columns; a warp owns a row (column) at a time, grid-strided. stage_elems > 0: the factor a
+// block gathers from (B for row owners, A for column owners) is copied into shared memory once per
+// iteration (small d), so the per-entry gathers read shared memory instead of L2. ent_cap > 0: a block
+// whose warps own one row (column) each and whose entries fit in ent_cap keeps them in shared memory
+// for the whole launch, in bank-conflict-free order.
 template <class T, int KK>
 __global__ void __launch_bounds__(kLrThreads, 1)
-    lowrank_steps_kernel(const LowrankStep a, int nb_row, int nb_col, int64_t stage_elems, int skip) {
+    lowrank_steps_kernel(const LowrankStep a, int nb_row, int nb_col, int64_t stage_elems, int64_t ent_cap) {
   namespace cg = cooperative_groups;
   cg::grid_group grid = cg::this_grid();
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ uint64_t s_bar;
+  constexpr int M2 = KK * KK;                      // a padded inner matrix
+  constexpr int WS = 3 * KK + 2;                   // per-warp scratch: own row, its Kp product, reduced sums
   const int k = int(a.k), L = int(a.L), kk = k * k, kk1 = kk + 1;
-  T* sFac = reinterpret_cast<T*>(smem_raw);     // staged factor (when stage), first: 16-byte aligned
+  T* sFac = reinterpret_cast<T*>(smem_raw);        // staged factor (when stage), first: 16-byte aligned
   const bool stage = stage_elems > 0;
-  T* sK = sFac + stage_elems;                    // L kk
-  T* sKn = sK + L * kk;                          // L kk: the updated K_l (swapped with sK)
-  T* sPre = sKn + L * kk;                        // L kk
-  T* sX = sPre + L * kk;                         // L kk; X_{L-1} = gKp
-  T* sKp = sX + L * kk;                          // kk
-  T* sLoss = sKp + kk;                           // 1 (+ pad)
-  T* sRow = sLoss + 2;                           // kLrWarps x 64: a row of A and its gP
-  T* sComb = sRow + kLrWarps * 64;               // kLrWarps x (kk + 1): the warps' gKp shares and losses
-  T* sTmp = sComb + kLrWarps * kk1;              // max(kk + 1, kLrThreads): split sums of the partials
+  T* sWarp = sFac + stage_elems;                   // kLrWarps x WS
+  T* sK = sWarp + kLrWarps * WS;                   // L M2
+  T* sKn = sK + L * M2;                            // L M2: the updated K_l (swapped with sK)
+  T* sPre = sKn + L * M2;                          // L M2: Pre_0 = I .. Pre_{L-1}
+  T* sSuf = sPre + L * M2;                         // L M2: S_0 .. S_{L-1} = I
+  T* sM = sSuf + L * M2;                           // L M2: M_l = S_lᵀ gKp; gKp at L-1
+  T* sKp = sM + L * M2;                            // M2
+  T* sLoss = sKp + M2;                             // 1 (+ pad)
+  T* sComb = sLoss + 2;                            // kLrWarps x (kk + 1): the warps' gKp shares and losses
+  T* sTmp = sComb + kLrWarps * kk1;                // max(kk + 1, kLrThreads): split sums of the partials
+  T* sVals = sTmp + max(kk1, kLrThreads);          // ent_cap: the block's targets (when its entries are kept)
+  int32_t* sIdx = reinterpret_cast<int32_t*>(sVals + ent_cap);  // ent_cap: their indices
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const T alpha = T(a.alpha), lr_outer = T(a.lr_outer), lr_inner = T(a.lr_inner);
   constexpr int NQ = (KK * KK + 31) / 32;
   const bool row_block = int(blockIdx.x) < nb_row;
+  const DivK dk(k);
+  T* wA = sWarp + warp * WS;  // the warp's own row of A (B), zero past k
+  T* wP = wA + KK;            // P_i = A_i·Kp (Q_j = Kp·B_j)
+  T* wG = wP + KK;            // reduced gradient (KK) and loss (1)
+  StageBarrier sb{&s_bar};
+  if (stage) sb.init();
 
-  for (int o = tid; o < L * kk; o += kLrThreads) sK[o] = static_cast<const T*>(a.K[o / kk])[o % kk];
-  for (int o = tid; o < kk; o += kLrThreads) sPre[o] = (o / k == o % k) ? T(1) : T(0);
-  if (stage) {
-    if (row_block) lowrank_stage_start(sFac, static_cast<const T*>(a.B), a.cols * k);
-    else lowrank_stage_start(sFac, static_cast<const T*>(a.A), a.rows * k);
+  // The warp's first row (column) and its entry range; the block's entries in shared memory or not.
+  const int64_t n_own = row_block ? a.rows : a.cols;
+  const int nb_own = row_block ? nb_row : nb_col;
+  const int64_t first = int64_t(row_block ? blockIdx.x : int(blockIdx.x) - nb_row) * kLrWarps + warp;
+  const int64_t stride_own = int64_t(nb_own) * kLrWarps;
+  const int32_t* g_ptr = row_block ? a.row_ptr : a.col_ptr;
+  const int32_t* g_idx = row_block ? a.col_idx : a.csc_row;
+  const T* g_vals = static_cast<const T*>(row_block ? a.vals_csr : a.vals_csc);
+  const int64_t blk0 = first - warp, blk1 = min(n_own, blk0 + kLrWarps);
+  const int32_t blk_e0 = blk0 < n_own ? g_ptr[blk0] : 0, blk_e1 = blk0 < n_own ? g_ptr[blk1] : 0;
+  const bool keep_entries = stage && ent_cap > 0 && n_own <= stride_own && blk_e1 - blk_e0 <= ent_cap;
+  int32_t my_e0 = 0, my_e1 = 0;
+  if (first < n_own) {
+    my_e0 = g_ptr[first];
+    my_e1 = g_ptr[first + 1];
+    if (keep_entries) {
+      stage_entries_banked(g_idx, g_vals, my_e0, my_e1, sIdx + (my_e0 - blk_e0), sVals + (my_e0 - blk_e0),
+                           uint32_t(k * sizeof(T)), lane);
+      my_e0 -= blk_e0;
+      my_e1 -= blk_e0;
+    }
+  }
+  const int32_t* my_idx = keep_entries ? sIdx : g_idx;
+  const T* my_vals = keep_entries ? sVals : g_vals;
+
+  if (stage) sb.start(sFac, static_cast<const T*>(row_block ? a.B : a.A), (row_block ? a.cols : a.rows) * k);
+  for (int o = tid; o < kLrWarps * WS + (5 * L + 1) * M2; o += kLrThreads) sWarp[o] = T(0);
+  __syncthreads();
+  for (int o = tid; o < L * kk; o += kLrThreads) {
+    int l, x, i, j;
+    split_level(o, kk, l, x);
+    dk.split(x, i, j);
+    sK[l * M2 + i * KK + j] = static_cast<const T*>(a.K[l])[x];
+  }
+  for (int i = tid; i < k; i += kLrThreads) {
+    sPre[i * KK + i] = T(1);                 // Pre_0
+    sSuf[(L - 1) * M2 + i * KK + i] = T(1);  // S_{L-1}
   }
   __syncthreads();
-  lowrank_prefixes<T, KK>(sK, sPre, sKp, k, L);
-  if (stage) lowrank_stage_wait();
+  lowrank_chains<T, KK>(sK, sPre, sSuf, sKp, k, L, dk);
+  if (stage) sb.wait();
 
-  T* partials = static_cast<T*>(a.work);  // [2][nb_row][kk + 1]
+  T* partials = static_cast<T*>(a.work);  // [2][kLowrankMaxRowBlocks][kk + 1]
   for (int64_t step = 0; step < a.steps; ++step) {
     const bool odd = step & 1;
     const T* Ain = static_cast<const T*>(odd ? a.A_tmp : a.A);
     const T* Bin = static_cast<const T*>(odd ? a.B_tmp : a.B);
-    T* part = partials + (odd ? int64_t(nb_row) * kk1 : 0);
+    T* part = partials + (odd ? int64_t(kLowrankMaxRowBlocks) * kk1 : 0);
 
-    if (skip & 1) {
-      // timing diagnostic: no phase
-    } else if (row_block) {
-      // ---- row owners
+    if (row_block) {
+      // ---- row owners: P_i = A_i·Kp, r_e = P_i·B_j − y_e, gP_i = alpha·Σ_e r_e·B_j, A'_i = A_i − lr_outer·gP_i·Kpᵀ.
       T* Ao = static_cast<T*>(odd ? a.A : a.A_tmp);
-      const T* __restrict__ vals = static_cast<const T*>(a.vals_csr);
       T gk[NQ];
 #pragma unroll
       for (int q = 0; q < NQ; ++q) gk[q] = T(0);
       T lsum = T(0);
-      T* myrow = sRow + warp * 64;
-      for (int64_t i = int64_t(blockIdx.x) * kLrWarps + warp; i < a.rows; i += int64_t(nb_row) * kLrWarps) {
-        T p[KK], g[KK];
-        {
-          T av[KK];
-          load_row(Ain + i * k, k, av);
-#pragma unroll
-          for (int c = 0; c < KK; ++c) {
-            T s = T(0);
-#pragma unroll
-            for (int t = 0; t < KK; ++t)
-              if (t < k && c < k) s += av[t] * sKp[t * k + c];
-            p[c] = s;
-            g[c] = T(0);
-          }
-        }
-        T ls = T(0);
-        // Two entries per lane per pass, and the next pass's indices and targets loaded during this
-        // one: each pass waits for one round of row loads only.
-        const int32_t e1 = a.row_ptr[i + 1];
-        PairFetch<T> f(a.col_idx, vals, a.row_ptr[i] + lane, (skip & 128) ? 0 : e1);
-        while (f.has0) {
-          PairFetch<T> cur = f;
-          if (skip & 64) cur.i0 = cur.i1 = 0;
-          f.advance(a.col_idx, vals, e1);
-          T b0[KK], b1[KK];
-          if (stage) {  // two spelled-out paths: shared-memory loads stay LDS (not generic loads)
-            load_row(sFac + int64_t(cur.i0) * k, k, b0);
-            load_row(sFac + int64_t(cur.i1) * k, k, b1);
-          } else {
-            load_row(Bin + int64_t(cur.i0) * k, k, b0);
-            load_row(Bin + int64_t(cur.i1) * k, k, b1);
-          }
-          const T r0 = dot(p, b0) - cur.y0;
-          const T r1 = cur.has1 ? dot(p, b1) - cur.y1 : T(0);
-          ls += r0 * r0 + r1 * r1;
-#pragma unroll
-          for (int c = 0; c < KK; ++c) g[c] += r0 * b0[c] + r1 * b1[c];
-        }
-#pragma unroll
-        for (int c = 0; c < KK; ++c) g[c] = alpha * warp_sum(g[c]);
-        lsum += warp_sum(ls);
-        // A'[i, t] = A[i, t] − lr_outer · (gP_i · Kpᵀ)_t: lane t computes and writes column t, all
-        // lanes at once (selects, not a branch per t, which would run the lanes one after another).
-        T gl = T(0);
-#pragma unroll
-        for (int c = 0; c < KK; ++c)
-          if (c == lane) gl = g[c];
-        if (lane < k) {
-          const T al = Ain[i * k + lane];
-          T s0 = T(0), s1 = T(0);
-#pragma unroll
-          for (int c = 0; c < KK; c += 2) {
-            if (c < k) s0 += g[c] * sKp[lane * k + c];
-            if (c + 1 < KK && c + 1 < k) s1 += g[c + 1] * sKp[lane * k + c + 1];
-          }
-          Ao[i * k + lane] = al - lr_outer * (s0 + s1);
-          myrow[lane] = al;
-          myrow[32 + lane] = gl;
-        }
+      for (int64_t i = first; i < a.rows; i += stride_own) {
+        const bool mine = i == first;
+        const T al = lane < k ? Ain[i * k + lane] : T(0);
+        if (lane < KK) wA[lane] = al;
         __syncwarp();
+        if (lane < KK) wP[lane] = dot_strided<T, KK>(wA, sKp + lane, KK);  // P_i[c = lane]
+        __syncwarp();
+        T p[KK], g[KK];
+        load_row(wP, KK, p);
 #pragma unroll
-        for (int q = 0; q < NQ; ++q) {
-          const int o = lane + 32 * q;
-          if (o < kk) gk[q] += myrow[o / k] * myrow[32 + o % k];
-        }
+        for (int c = 0; c < KK; ++c) g[c] = T(0);
+        T ls = T(0);
+        const int32_t e0 = mine ? my_e0 : a.row_ptr[i], e1 = mine ? my_e1 : a.row_ptr[i + 1];
+        const int32_t* ix = mine ? my_idx : a.col_idx;
+        const T* vv = mine ? my_vals : g_vals;
+        if (stage) lowrank_entries<T, KK, true>(p, g, ls, ix, vv, e0 + lane, e1, sFac, k);
+        else lowrank_entries<T, KK, true>(p, g, ls, ix, vv, e0 + lane, e1, Bin, k);
+        T v[KK + 1];
+#pragma unroll
+        for (int c = 0; c < KK; ++c) v[c] = g[c];
+        v[KK] = ls;
+        warp_reduce_to<T, KK + 1>(v, KK, alpha, wG, lane);  // wG[0..KK) = gP_i, wG[KK] = Σ r²
+        __syncwarp();
+        lsum += wG[KK];
+        // A'[i, t] = A[i, t] − lr_outer · Σ_c gP_i[c]·Kp[t, c]: lane t.
+        if (lane < k) Ao[i * k + lane] = al - lr_outer * dot_strided<T, KK>(wG, sKp + lane * KK, 1);
+#pragma unroll
+        for (int q = 0; q < NQ; ++q)
+          if (lane + 32 * q < kk) {  // gKp[t, c] += A_i[t]·gP_i[c]
+            int t, c;
+            dk.split(lane + 32 * q, t, c);
+            gk[q] += wA[t] * wG[c];
+          }
         __syncwarp();
       }
       // The block's partial: its warps' shares summed in warp order.
 #pragma unroll
-      for (int q = 0; q < NQ; ++q) {
-        const int o = lane + 32 * q;
-        if (o < kk) sComb[warp * kk1 + o] = gk[q];
-      }
+      for (int q = 0; q < NQ; ++q)
+        if (lane + 32 * q < kk) sComb[warp * kk1 + lane + 32 * q] = gk[q];
       if (lane == 0) sComb[warp * kk1 + kk] = lsum;
       __syncthreads();
       for (int o = tid; o < kk1; o += kLrThreads) {
@@ -421,72 +632,40 @@ __global__ void __launch_bounds__(kLrThreads, 1)
         part[int64_t(blockIdx.x) * kk1 + o] = s;
       }
     } else {
-      // ---- column owners: B'_j = B_j − lr_outer · alpha · (Σ_e r_e A_{i_e}) · Kp, r_e = A_{i_e} · Q_j − y_e.
+      // ---- column owners: Q_j = Kp·B_jᵀ, r_e = A_i·Q_j − y_e, B'_j = B_j − lr_outer·alpha·(Σ_e r_e·A_i)·Kp.
       T* Bo = static_cast<T*>(odd ? a.B : a.B_tmp);
-      const T* __restrict__ vals = static_cast<const T*>(a.vals_csc);
-      const int cb = int(blockIdx.x) - nb_row;
-      for (int64_t j = int64_t(cb) * kLrWarps + warp; j < a.cols; j += int64_t(nb_col) * kLrWarps) {
+      for (int64_t j = first; j < a.cols; j += stride_own) {
+        const bool mine = j == first;
+        const T bl = lane < k ? Bin[j * k + lane] : T(0);
+        if (lane < KK) wA[lane] = bl;
+        __syncwarp();
+        if (lane < KK) wP[lane] = dot_strided<T, KK>(wA, sKp + lane * KK, 1);  // Q_j[t = lane]
+        __syncwarp();
         T q[KK], g[KK];
-        {
-          T bv[KK];
-          load_row(Bin + j * k, k, bv);
+        load_row(wP, KK, q);
 #pragma unroll
-          for (int t = 0; t < KK; ++t) {
-            T s = T(0);
-#pragma unroll
-            for (int c = 0; c < KK; ++c)
-              if (t < k && c < k) s += sKp[t * k + c] * bv[c];
-            q[t] = s;
-            g[t] = T(0);
-          }
-        }
-        const int32_t e1 = a.col_ptr[j + 1];
-        PairFetch<T> f(a.csc_row, vals, a.col_ptr[j] + lane, (skip & 128) ? 0 : e1);
-        while (f.has0) {
-          PairFetch<T> cur = f;
-          if (skip & 64) cur.i0 = cur.i1 = 0;
-          f.advance(a.csc_row, vals, e1);
-          T a0[KK], a1[KK];
-          if (stage) {
-            load_row(sFac + int64_t(cur.i0) * k, k, a0);
-            load_row(sFac + int64_t(cur.i1) * k, k, a1);
-          } else {
-            load_row(Ain + int64_t(cur.i0) * k, k, a0);
-            load_row(Ain + int64_t(cur.i1) * k, k, a1);
-          }
-          const T r0 = dot(a0, q) - cur.y0;
-          const T r1 = cur.has1 ? dot(a1, q) - cur.y1 : T(0);
-#pragma unroll
-          for (int t = 0; t < KK; ++t) g[t] += r0 * a0[t] + r1 * a1[t];
-        }
-#pragma unroll
-        for (int t = 0; t < KK; ++t) g[t] = warp_sum(g[t]);
-        // B'[j, c]: lane c computes and writes column c, all lanes at once.
-        if (lane < k) {
-          T s0 = T(0), s1 = T(0);
-#pragma unroll
-          for (int t = 0; t < KK; t += 2) {
-            if (t < k) s0 += g[t] * sKp[t * k + lane];
-            if (t + 1 < KK && t + 1 < k) s1 += g[t + 1] * sKp[(t + 1) * k + lane];
-          }
-          Bo[j * k + lane] = Bin[j * k + lane] - lr_outer * alpha * (s0 + s1);
-        }
+        for (int c = 0; c < KK; ++c) g[c] = T(0);
+        T unused = T(0);
+        const int32_t e0 = mine ? my_e0 : a.col_ptr[j], e1 = mine ? my_e1 : a.col_ptr[j + 1];
+        const int32_t* ix = mine ? my_idx : a.csc_row;
+        const T* vv = mine ? my_vals : g_vals;
+        if (stage) lowrank_entries<T, KK, false>(q, g, unused, ix, vv, e0 + lane, e1, sFac, k);
+        else lowrank_entries<T, KK, false>(q, g, unused, ix, vv, e0 + lane, e1, Ain, k);
+        warp_reduce_to<T, KK>(g, KK, alpha, wG, lane);  // wG = alpha·Σ_e r_e·A_i
+        __syncwarp();
+        // B'[j, c] = B[j, c] − lr_outer · Σ_t wG[t]·Kp[t, c]: lane c.
+        if (lane < k) Bo[j * k + lane] = bl - lr_outer * dot_strided<T, KK>(wG, sKp + lane, KK);
+        __syncwarp();
       }
     }
 
-    if (!(skip & 4)) grid.sync();
+    grid.sync();
 
-    // The next iteration's factor starts streaming into shared memory during the K update.
-    const bool stage_next = stage && step + 1 < a.steps && !(skip & 8);
-    if (stage_next) {
-      if (row_block) lowrank_stage_start(sFac, static_cast<const T*>(odd ? a.B : a.B_tmp), a.cols * k);
-      else lowrank_stage_start(sFac, static_cast<const T*>(odd ? a.A : a.A_tmp), a.rows * k);
-    }
-
-    // ---- every block: gKp and the loss from the partials, in block order. Entry o's blocks are split
-    // into `split` contiguous ranges summed by different threads (loads issued 16 at a time, added in
-    // order); the range sums are then added in range order.
-    if (!(skip & 2)) {
+    // ---- every block: gKp and the loss from the partials, in block order (the same in every block, so
+    // all blocks hold bit-identical K_l). Entry o's blocks are split into `split` contiguous ranges
+    // summed by different threads (loads issued 16 at a time, added in order); the range sums are then
+    // added in range order. Read before the factor's copy starts, which would queue ahead of it.
+    {
       const int split = max(1, min(kLrThreads / kk1, nb_row));
       const int per = (nb_row + split - 1) / split;
       for (int w = tid; w < kk1 * split; w += kLrThreads) {
@@ -495,11 +674,11 @@ __global__ void __launch_bounds__(kLrThreads, 1)
         const T* src = part + o;
         T s = T(0);
         for (int b = r * per; b < b1; b += 16) {
-          T v[16];
+          T x[16];
 #pragma unroll
-          for (int u = 0; u < 16; ++u) v[u] = b + u < b1 ? __ldcg(src + int64_t(b + u) * kk1) : T(0);
+          for (int u = 0; u < 16; ++u) x[u] = b + u < b1 ? __ldcg(src + int64_t(b + u) * kk1) : T(0);
 #pragma unroll
-          for (int u = 0; u < 16; ++u) s += v[u];
+          for (int u = 0; u < 16; ++u) s += x[u];
         }
         sTmp[w] = s;
       }
@@ -507,34 +686,38 @@ __global__ void __launch_bounds__(kLrThreads, 1)
       for (int o = tid; o < kk1; o += kLrThreads) {
         T s = T(0);
         for (int r = 0; r < split; ++r) s += sTmp[r * kk1 + o];
-        if (o < kk) sX[(L - 1) * kk + o] = s;
-        else sLoss[0] = s;
+        if (o < kk) {
+          int i, j;
+          dk.split(o, i, j);
+          sM[(L - 1) * M2 + i * KK + j] = s;
+        } else {
+          sLoss[0] = s;
+        }
       }
-      __syncthreads();
     }
-    // gK_l = X_l · Pre_lᵀ with X_{L-1} = gKp, X_{l-1} = K_lᵀ X_l (old K); K'_l = K_l − lr_inner · gK_l
-    // into sKn. Level by level from the top: X_{l-1} and K'_l need only X_l, so they share a barrier.
-    for (int l = (skip & 16) ? -1 : L - 1; l >= 0; --l) {
-      for (int w = tid; w < 2 * kk; w += kLrThreads) {
-        const int o = w < kk ? w : w - kk, i = o / k, j = o - i * k;
-        if (w < kk)
-          sKn[l * kk + o] = sK[l * kk + o] - lr_inner * mm_entry<T, KK, false, true>(sX + l * kk, sPre + l * kk, k, i, j);
-        else if (l >= 1)
-          sX[(l - 1) * kk + o] = mm_entry<T, KK, true, false>(sK + l * kk, sX + l * kk, k, i, j);
-      }
-      __syncthreads();
-    }
+    // The next iteration's factor streams into shared memory during the K update.
+    const bool stage_next = stage && step + 1 < a.steps;
+    if (stage_next)
+      sb.start(sFac, static_cast<const T*>(row_block ? (odd ? a.B : a.B_tmp) : (odd ? a.A : a.A_tmp)),
+               (row_block ? a.cols : a.rows) * k);
+    __syncthreads();
+    lowrank_update_K<T, KK>(sK, sKn, sPre, sSuf, sM, lr_inner, k, L, dk);
     {
       T* t = sK;
       sK = sKn;
       sKn = t;
     }
-    if (!(skip & 32)) lowrank_prefixes<T, KK>(sK, sPre, sKp, k, L);
+    lowrank_chains<T, KK>(sK, sPre, sSuf, sKp, k, L, dk);
     if (step == a.steps - 1 && blockIdx.x == 0) {
-      for (int o = tid; o < L * kk; o += kLrThreads) static_cast<T*>(a.K[o / kk])[o % kk] = sK[o];
+      for (int o = tid; o < L * kk; o += kLrThreads) {
+        int l, x, i, j;
+        split_level(o, kk, l, x);
+        dk.split(x, i, j);
+        static_cast<T*>(a.K[l])[x] = sK[l * M2 + i * KK + j];
+      }
       if (tid == 0) *static_cast<T*>(a.loss) = T(0.5) * alpha * sLoss[0];
     }
-    if (stage_next) lowrank_stage_wait();
+    if (stage_next) sb.wait();
   }
   if (a.steps & 1) {  // the last iterate is in A_tmp, B_tmp
     grid.sync();
@@ -548,27 +731,24 @@ __global__ void __launch_bounds__(kLrThreads, 1)
 
 // Blocks of the cooperative grid: rows and columns split the device's co-resident blocks, at most
 // one warp per row (column) and at most kLowrankMaxRowBlocks row blocks. The gathered factor is
-// staged in shared memory when it fits in kLowrankStageBytes.
+// staged in shared memory when it fits in kLowrankStageBytes; then each block's entries are kept in
+// shared memory too when they fit in what is left (room for 1.5x the mean entries of a block).
 template <class T, int KK> void launch_lowrank(const LowrankStep& a, cudaStream_t s) {
   auto kernel = lowrank_steps_kernel<T, KK>;
   const int64_t stage_elems = lowrank_stage_elems(a.rows, a.cols, a.k, sizeof(T));
-  // DEEPLORA_LOWRANK_STAGE=0 turns the staging off (a diagnostic knob, for timing it).
-  static const bool stage_allowed = [] {
-    const char* e = std::getenv("DEEPLORA_LOWRANK_STAGE");
-    return !(e && std::string(e) == "0");
-  }();
-  const bool stage = stage_allowed && stage_elems * int64_t(sizeof(T)) <= kLowrankStageBytes;
-  // DEEPLORA_LOWRANK_SKIP=<mask>: a timing diagnostic that leaves stages out (results are wrong):
-  // 1 the row/column phase, 2 the partial sums, 4 the grid barrier, 8 the staging, 16 the K update,
-  // 32 the prefixes, 64 gathers of one fixed row instead of the entries' rows, 128 no entries.
-  static const int skip = [] {
-    const char* e = std::getenv("DEEPLORA_LOWRANK_SKIP");
-    return e ? std::atoi(e) : 0;
-  }();
-  const size_t smem = size_t(lowrank_step_smem_elems(a.k, a.L) + (stage ? stage_elems : 0)) * sizeof(T);
-  int dev = 0, sms = 0, per_sm = 0;
+  const bool stage = stage_elems * int64_t(sizeof(T)) <= kLowrankStageBytes;
+  int dev = 0, sms = 0, optin = 0, per_sm = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
   CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const size_t base = size_t(lowrank_step_smem_elems(a.k, a.L) + (stage ? stage_elems : 0)) * sizeof(T);
+  int64_t ent_cap = 0;
+  if (stage && a.nnz > 0 && a.rows > 0 && a.cols > 0) {
+    const int64_t mean = (a.nnz * kLrWarps + std::min(a.rows, a.cols) - 1) / std::min(a.rows, a.cols);
+    const int64_t room = (int64_t(optin) - int64_t(base) - 1024) / int64_t(sizeof(T) + sizeof(int32_t));
+    ent_cap = std::max<int64_t>(0, std::min(mean + mean / 2 + 64, room));
+  }
+  const size_t smem = base + size_t(ent_cap) * (sizeof(T) + sizeof(int32_t));
   if (smem > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kLrThreads, smem));
   const int64_t capacity = int64_t(per_sm) * sms;
@@ -589,7 +769,7 @@ template <class T, int KK> void launch_lowrank(const LowrankStep& a, cudaStream_
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, nb_row, nb_col, stage ? stage_elems : int64_t(0), skip));
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, nb_row, nb_col, stage ? stage_elems : int64_t(0), ent_cap));
 }
 
 // ---- recovery error over the unobserved entries --------------------------------------------------
@@ -739,14 +919,15 @@ void lowrank_step(const LowrankStep& a, cudaStream_t s) {
   dispatch(a.dt, "lowrank_step", [&](auto z) {
     using T = decltype(z);
     const int64_t k = a.k;
-    // Register-array bounds: exact for the common widths (k = 2r = 10 is the paper's), the next
-    // bound up otherwise (entries past k are predicated off). Few instantiations keep nvcc fast.
-    if (k <= 2) launch_lowrank<T, 2>(a, s);
-    else if (k <= 4) launch_lowrank<T, 4>(a, s);
-    else if (k <= 8) launch_lowrank<T, 8>(a, s);
-    else if (k <= 10) launch_lowrank<T, 10>(a, s);
-    else if (k <= 16) launch_lowrank<T, 16>(a, s);
-    else launch_lowrank<T, 32>(a, s);
+    // Register-array bounds (lowrank_kk): few instantiations keep nvcc fast.
+    switch (lowrank_kk(k)) {
+      case 2: launch_lowrank<T, 2>(a, s); break;
+      case 4: launch_lowrank<T, 4>(a, s); break;
+      case 8: launch_lowrank<T, 8>(a, s); break;
+      case 10: launch_lowrank<T, 10>(a, s); break;
+      case 16: launch_lowrank<T, 16>(a, s); break;
+      default: launch_lowrank<T, 32>(a, s); break;
+    }
   });
 }
 
