@@ -466,10 +466,12 @@ struct StageBarrier {
     }
     __syncthreads();
   }
-  // Every thread calls it (the caller has barred the block: no thread still reads dst).
+  // Every thread calls it (the caller has barred the block: no thread still reads dst). The block's
+  // last thread issues the copy: its fence waits for the thread's memory operations, and the small
+  // products that follow leave the last warps idle.
   template <class T> __device__ void start(T* dst, const T* src, int64_t n) const {
     const uint32_t bulk = uint32_t(n * int64_t(sizeof(T)) / 16 * 16);
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == kLrThreads - 1) {
       // Order this block's generic-proxy view (the other blocks' writes of src, acquired at the grid
       // barrier, and this block's reads of dst) before the async-proxy copy.
       ptx::fence_proxy_async();
