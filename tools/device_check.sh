@@ -204,8 +204,9 @@ fi
 
 if has sanitize; then
   log "compute-sanitizer memcheck (GPU test cases)"
+  # SANITIZE_FILTER: a doctest -tc pattern for a subset (default: every GPU test case).
   compute-sanitizer --tool memcheck --error-exitcode 9 ./build/deeplora_tests \
-    -tc='*CUDA*,*allocator*,*GPU*,*cuda*' --duration=false > "$OUT/logs/sanitize.log" 2>&1
+    -tc="${SANITIZE_FILTER:-*CUDA*,*allocator*,*GPU*,*cuda*}" --duration=false > "$OUT/logs/sanitize.log" 2>&1
   result[sanitize]=$(grep -E "ERROR SUMMARY" "$OUT/logs/sanitize.log" | tail -1)
   tail -5 "$OUT/logs/sanitize.log"
 fi
