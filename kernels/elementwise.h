@@ -26,8 +26,9 @@
   void acc_broadcast(DType dt, const void* g, void* y, int64_t n, double alpha, cudaStream_t s);    \
   /* GELU, tanh form as GPT-2: y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */               \
   void gelu_fwd(DType dt, const void* x, void* y, int64_t n, cudaStream_t s);                       \
-  /* dx += gelu'(x) * dy */                                                                         \
-  void gelu_bwd(DType dt, const void* x, const void* dy, void* dx, int64_t n, cudaStream_t s);      \
+  /* dx += gelu'(x) * dy (accumulate), or dx = gelu'(x) * dy (dx may hold garbage before) */        \
+  void gelu_bwd(DType dt, const void* x, const void* dy, void* dx, int64_t n, bool accumulate,      \
+                cudaStream_t s);                                                                    \
   /* out[0] = sum x (deterministic tree order; accumulates in f32, f64 for f64), out dtype = dt */  \
   void sum(DType dt, const void* x, int64_t n, void* out, cudaStream_t s);                          \
   /* y[c] += sum_r x[r, c]  (bias gradients), deterministic */                                      \

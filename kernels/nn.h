@@ -15,9 +15,11 @@
   /* y = (x - mean) * rstd * w + b over the last dim C; mean/rstd: [rows] in stat_dtype(dt) */      \
   void layernorm_fwd(DType dt, const void* x, const void* w, const void* b, void* y, void* mean,    \
                      void* rstd, int64_t rows, int64_t C, double eps, cudaStream_t s);              \
+  /* dx (+)= the input gradient (+= when dx_accumulate, else = : dx may hold garbage before);       \
+     dw += sum over rows of dy * xhat, db += sum of dy. Any of dx, dw, db may be null. */           \
   void layernorm_bwd(DType dt, const void* x, const void* w, const void* mean, const void* rstd,    \
                      const void* dy, void* dx, void* dw, void* db, int64_t rows, int64_t C,         \
-                     cudaStream_t s);                                                               \
+                     bool dx_accumulate, cudaStream_t s);                                           \
   /* Per row r: lse[r] = logsumexp(logits[r,:V]); loss[r] = lse[r] - logits[r, tgt[r]], or 0 where\
      tgt[r] == ignore. Row r starts at r*row_stride (>= V: columns past V are padding, ignored). \
      lse, loss in stat_dtype(dt). Targets outside [0,V) other than ignore must have been rejected \
@@ -25,11 +27,13 @@
   void cross_entropy_fwd(DType dt, const void* logits, const int32_t* tgt, void* lse, void* loss,   \
                          int64_t rows, int64_t V, int64_t row_stride, int32_t ignore, cudaStream_t s); \
   /* dlogits[r,:] += dloss[0] / count[0] * (softmax(logits[r,:]) - onehot(tgt[r])), 0 for ignored  \
-     rows; padding columns are not touched. dloss has dtype stat_dtype(dt) (one element); count is \
-     f32 / f64 likewise. */                                                                         \
+     rows; padding columns are not touched. !accumulate: = instead of +=, and ignored rows and      \
+     padding columns are written as zeros (dlogits may hold garbage before). dloss has dtype         \
+     stat_dtype(dt) (one element); count is f32 / f64 likewise. */                                  \
   void cross_entropy_bwd(DType dt, const void* logits, const int32_t* tgt, const void* lse,         \
                          const void* dloss, const void* count, void* dlogits, int64_t rows,         \
-                         int64_t V, int64_t row_stride, int32_t ignore, cudaStream_t s);            \
+                         int64_t V, int64_t row_stride, int32_t ignore, bool accumulate,            \
+                         cudaStream_t s);                                                           \
   /* out[0] = sum(loss) / count, count_out[0] = #(tgt != ignore) (both stat_dtype(dt)) */           \
   void cross_entropy_reduce(DType dt, const void* loss, const int32_t* tgt, int64_t rows,           \
                             int32_t ignore, void* out, void* count_out, cudaStream_t s);

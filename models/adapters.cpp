@@ -152,7 +152,7 @@ Tensor LoraAdapter::forward(const Tensor& x, const Tensor& y) {
   const DType dt = x.dtype();
   // Scale the rank-r intermediate, not the [.., out] result: same math, r/out of the traffic.
   Tensor t = ops::scale(ops::linear(x, work(params_[0].tensor, dt)), scaling());
-  return ops::add(y, ops::linear(t, work(params_[1].tensor, dt)));
+  return ops::linear(t, work(params_[1].tensor, dt), Tensor(), y);  // y + t Bᵀ in the GEMM's epilogue
 }
 
 Tensor LoraAdapter::delta_weight() const {
@@ -180,7 +180,7 @@ Tensor DeepLoraAdapter::forward(const Tensor& x, const Tensor& y) {
   for (int i = 2; i <= depth_; ++i) K = ops::matmul(params_[size_t(1 + i)].tensor, K);
   Tensor t = ops::linear(x, work(params_[1].tensor, dt));  // x B      [.., k]
   Tensor u = ops::linear(t, work(K, dt));                  // t Kᵀ     [.., k]
-  return ops::add(y, ops::linear(u, work(params_[0].tensor, dt)));  // y + u Aᵀ
+  return ops::linear(u, work(params_[0].tensor, dt), Tensor(), y);  // y + u Aᵀ in the GEMM's epilogue
 }
 
 Tensor DeepLoraAdapter::K_product() const {
@@ -215,8 +215,8 @@ WideDeepLoraAdapter::WideDeepLoraAdapter(const std::string& module, std::vector<
 Tensor WideDeepLoraAdapter::forward(const Tensor& x, const Tensor& y) {
   const DType dt = x.dtype();
   Tensor h = x;
-  for (auto& p : params_) h = ops::linear(h, work(p.tensor, dt));
-  return ops::add(y, h);
+  for (size_t i = 0; i + 1 < params_.size(); ++i) h = ops::linear(h, work(params_[i].tensor, dt));
+  return ops::linear(h, work(params_.back().tensor, dt), Tensor(), y);  // y + the chain, in one GEMM
 }
 
 Tensor WideDeepLoraAdapter::delta_weight() const {

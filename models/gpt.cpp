@@ -245,8 +245,8 @@ Tensor Gpt::work(Param& p) {
   return ops::cast(p.master, compute_);
 }
 
-Tensor Gpt::apply_linear(Linear& l, const Tensor& x) {
-  Tensor y = ops::linear(x, work(*l.w), work(*l.b));
+Tensor Gpt::apply_linear(Linear& l, const Tensor& x, const Tensor& residual) {
+  Tensor y = ops::linear(x, work(*l.w), work(*l.b), residual);
   if (l.adapter) y = l.adapter->forward(x, y);
   return y;
 }
@@ -280,10 +280,10 @@ Tensor Gpt::forward_padded(const Tensor& tokens) {
   for (auto& b : blocks_) {
     Tensor h = ops::layernorm(x, work(b.ln1_w), work(b.ln1_b), eps);
     Tensor a = ops::attention(apply_linear(b.c_attn, h), cfg_.n_head);
-    x = ops::add(x, apply_linear(b.c_proj, a));
+    x = apply_linear(b.c_proj, a, x);
     h = ops::layernorm(x, work(b.ln2_w), work(b.ln2_b), eps);
     Tensor m = ops::gelu(apply_linear(b.c_fc, h));
-    x = ops::add(x, apply_linear(b.mlp_proj, m));
+    x = apply_linear(b.mlp_proj, m, x);
   }
   x = ops::layernorm(x, work(lnf_w_), work(lnf_b_), eps);
   return ops::linear(x, wte);

@@ -92,7 +92,8 @@ class Gpt {
     Linear c_attn, c_proj, c_fc, mlp_proj;
   };
   Tensor work(Param& p);  // the compute-dtype tensor of p for this forward
-  Tensor apply_linear(Linear& l, const Tensor& x);
+  // l(x) (+ its adapter's branch) + residual: the residual enters in the base GEMM's epilogue.
+  Tensor apply_linear(Linear& l, const Tensor& x, const Tensor& residual = Tensor());
 
   GptConfig cfg_;
   DType compute_;

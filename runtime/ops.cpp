@@ -59,6 +59,16 @@ bool wants(const Tensor& t) { return t.defined() && t.requires_grad(); }
 
 int64_t rows_of(const Tensor& t) { return t.numel() / t.dim(-1); }
 
+// grad(t) += g for a g of t's shape and dtype: handed over whole (grad_take) when `may_take` and t
+// can take it, copied on t's first contribution, added otherwise. At most one input of a node may
+// take its output's gradient, and only after every use of it in that node's closure.
+void grad_add(const Tensor& t, const Tensor& g, bool may_take) {
+  if (may_take && grad_take(t, g)) return;
+  GradTarget gt = grad_target(t);
+  if (gt.fresh) gt.g.copy_from(g);
+  else DL_K(t.device(), acc, t.dtype(), g.data(), gt.g.data(), t.numel(), 1.0, stream_for(t.device()));
+}
+
 void elementwise_check(const char* op, const Tensor& a, const Tensor& b) {
   defined(op, {&a, &b});
   same_device(op, {&a, &b});
@@ -75,10 +85,11 @@ Tensor add(const Tensor& a, const Tensor& b) {
   DL_K(d, add, a.dtype(), a.data(), b.data(), y.data(), y.numel(), stream_for(d));
   if (needs_grad({&a, &b})) {
     auto yi = y.impl_ptr();
-    tape().record(outs({&y}), [a, b, yi, d] {
+    tape().record(outs({&y}), [a, b, yi] {
+      // b first: a (the residual stream, in a residual add) may then take gy as its own gradient.
       Tensor gy(yi->grad);
-      for (const Tensor* t : {&a, &b})
-        if (wants(*t)) DL_K(d, acc, t->dtype(), gy.data(), grad_buffer(*t).data(), t->numel(), 1.0, stream_for(d));
+      if (wants(b)) grad_add(b, gy, false);
+      if (wants(a)) grad_add(a, gy, true);
     });
   }
   return y;
@@ -124,7 +135,8 @@ Tensor gelu(const Tensor& x) {
   if (needs_grad({&x})) {
     auto yi = y.impl_ptr();
     tape().record(outs({&y}), [x, yi, d] {
-      DL_K(d, gelu_bwd, x.dtype(), x.data(), Tensor(yi->grad).data(), grad_buffer(x).data(), x.numel(), stream_for(d));
+      GradTarget gx = grad_target(x);  // written on its first contribution, no zero fill
+      DL_K(d, gelu_bwd, x.dtype(), x.data(), Tensor(yi->grad).data(), gx.g.data(), x.numel(), !gx.fresh, stream_for(d));
     });
   }
   return y;
@@ -203,7 +215,7 @@ struct Operand {
 };
 
 void run_gemm(Device d, DType dt, const Operand& a, const Operand& b, void* c, int64_t batch, double beta,
-              int64_t strideC, const void* bias = nullptr) {
+              int64_t strideC, const void* bias = nullptr, const void* cin = nullptr) {
   Gemm g;
   g.dt = dt;
   g.ta = a.t;
@@ -218,6 +230,7 @@ void run_gemm(Device d, DType dt, const Operand& a, const Operand& b, void* c, i
   g.alpha = 1.0;
   g.beta = beta;
   g.bias = bias;
+  g.Cin = cin;
   if (d == Device::cuda) {
 #ifdef DEEPLORA_HAVE_CUDA
     kernels::cuda::gemm(g, cuda_ctx().stream);
@@ -253,25 +266,28 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool ta, bool tb) {
       Tensor gy(yi->grad);
       DType dt = a.dtype();
       Operand G{gy.data(), M, N, false, M * N};
+      // A gradient's first contribution is written (beta = 0), later ones added (beta = 1).
       if (wants(a)) {
-        Tensor ga = grad_buffer(a);
-        if (!A.t) run_gemm(d, dt, G, Operand{B.p, B.rows, B.cols, !B.t, B.stride}, ga.data(), batch, 1.0, M * K);
-        else run_gemm(d, dt, B, Operand{G.p, M, N, true, M * N}, ga.data(), batch, 1.0, M * K);
+        GradTarget ga = grad_target(a);
+        const double beta = ga.fresh ? 0.0 : 1.0;
+        if (!A.t) run_gemm(d, dt, G, Operand{B.p, B.rows, B.cols, !B.t, B.stride}, ga.g.data(), batch, beta, M * K);
+        else run_gemm(d, dt, B, Operand{G.p, M, N, true, M * N}, ga.g.data(), batch, beta, M * K);
       }
       if (wants(b)) {
-        Tensor gb = grad_buffer(b);
-        if (!B.t) run_gemm(d, dt, Operand{A.p, A.rows, A.cols, !A.t, A.stride}, G, gb.data(), batch, 1.0, K * N);
-        else run_gemm(d, dt, Operand{G.p, M, N, true, M * N}, A, gb.data(), batch, 1.0, K * N);
+        GradTarget gb = grad_target(b);
+        const double beta = gb.fresh ? 0.0 : 1.0;
+        if (!B.t) run_gemm(d, dt, Operand{A.p, A.rows, A.cols, !A.t, A.stride}, G, gb.g.data(), batch, beta, K * N);
+        else run_gemm(d, dt, Operand{G.p, M, N, true, M * N}, A, gb.g.data(), batch, beta, K * N);
       }
     });
   }
   return y;
 }
 
-Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& addend) {
   defined("linear", {&x, &w});
-  same_device("linear", {&x, &w, &b});
-  same_float_dtype("linear", {&x, &w, &b});
+  same_device("linear", {&x, &w, &b, &addend});
+  same_float_dtype("linear", {&x, &w, &b, &addend});
   check(w.ndim() == 2, "linear", fmt::format("weight must be 2-D [out, in], got {}", w.desc()));
   check(x.ndim() >= 1 && x.dim(-1) == w.dim(1), "linear",
         fmt::format("input {} does not match weight {} (last dim must equal {})", x.desc(), w.desc(), w.dim(1)));
@@ -280,27 +296,40 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   const int64_t R = rows_of(x), K = w.dim(1), N = w.dim(0);
   Shape ys = x.shape();
   ys[-1] = N;
+  check(!addend.defined() || addend.shape() == ys, "linear",
+        fmt::format("addend {} must have the output's shape {}", addend.desc(), ys.str()));
   Tensor y = Tensor::empty(ys, x.dtype(), x.device());
   Device d = x.device();
   Operand X{x.data(), R, K, false, 0}, W{w.data(), N, K, true, 0};
   if (R > 0) {
     if (K == 0) {
-      y.fill(0.0);
+      if (addend.defined()) y.copy_from(addend);
+      else y.fill(0.0);
       if (b.defined()) DL_K(d, add_rowvec, y.dtype(), b.data(), y.data(), R, N, stream_for(d));
+    } else if (addend.defined()) {  // the addend enters in the GEMM's epilogue: no extra pass
+      run_gemm(d, x.dtype(), X, W, y.data(), 1, 1.0, 0, b.defined() ? b.data() : nullptr, addend.data());
     } else {
       run_gemm(d, x.dtype(), X, W, y.data(), 1, 0.0, 0, b.defined() ? b.data() : nullptr);
     }
   }
-  if (needs_grad({&x, &w, &b})) {
+  if (needs_grad({&x, &w, &b, &addend})) {
     auto yi = y.impl_ptr();
-    tape().record(outs({&y}), [x, w, b, yi, d, R, K, N] {
+    tape().record(outs({&y}), [x, w, b, addend, yi, d, R, K, N] {
       Tensor gy(yi->grad);
       DType dt = x.dtype();
       Operand G{gy.data(), R, N, false, 0};
-      if (wants(x)) run_gemm(d, dt, G, Operand{w.data(), N, K, false, 0}, grad_buffer(x).data(), 1, 1.0, 0);
-      if (wants(w)) run_gemm(d, dt, Operand{gy.data(), R, N, true, 0}, Operand{x.data(), R, K, false, 0},
-                             grad_buffer(w).data(), 1, 1.0, 0);
+      // A gradient's first contribution is written (beta = 0), later ones added (beta = 1).
+      if (wants(x)) {
+        GradTarget gx = grad_target(x);
+        run_gemm(d, dt, G, Operand{w.data(), N, K, false, 0}, gx.g.data(), 1, gx.fresh ? 0.0 : 1.0, 0);
+      }
+      if (wants(w)) {
+        GradTarget gw = grad_target(w);
+        run_gemm(d, dt, Operand{gy.data(), R, N, true, 0}, Operand{x.data(), R, K, false, 0}, gw.g.data(), 1,
+                 gw.fresh ? 0.0 : 1.0, 0);
+      }
       if (wants(b)) DL_K(d, colsum_acc, dt, gy.data(), R, N, grad_buffer(b).data(), stream_for(d));
+      if (wants(addend)) grad_add(addend, gy, true);  // last: it may take gy itself
     });
   }
   return y;
@@ -324,10 +353,11 @@ Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) 
     auto yi = y.impl_ptr();
     tape().record(outs({&y}), [x, w, b, mu, rs, yi, d, R, C] {
       Tensor gy(yi->grad);
-      void* dx = wants(x) ? grad_buffer(x).data() : nullptr;
+      GradTarget gx = wants(x) ? grad_target(x) : GradTarget{};  // dx written on its first contribution
       void* dw = wants(w) ? grad_buffer(w).data() : nullptr;
       void* db = wants(b) ? grad_buffer(b).data() : nullptr;
-      DL_K(d, layernorm_bwd, x.dtype(), x.data(), w.data(), mu.data(), rs.data(), gy.data(), dx, dw, db, R, C, stream_for(d));
+      DL_K(d, layernorm_bwd, x.dtype(), x.data(), w.data(), mu.data(), rs.data(), gy.data(),
+           gx.g.defined() ? gx.g.data() : nullptr, dw, db, R, C, !gx.fresh, stream_for(d));
     });
   }
   return y;
@@ -418,8 +448,11 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
   if (needs_grad({&logits})) {
     auto li = loss.impl_ptr();
     tape().record(outs({&loss}), [logits, targets, lse, count, li, d, R, V, stride, ignore_index] {
+      // The logits' gradient (the largest activation gradient, [rows, padded vocabulary]) is written
+      // on its first contribution: no zero fill and no read of the old values.
+      GradTarget gl = grad_target(logits);
       DL_K(d, cross_entropy_bwd, logits.dtype(), logits.data(), targets.data_as<int32_t>(), lse.data(),
-           Tensor(li->grad).data(), count.data(), grad_buffer(logits).data(), R, V, stride, ignore_index,
+           Tensor(li->grad).data(), count.data(), gl.g.data(), R, V, stride, ignore_index, !gl.fresh,
            stream_for(d));
     });
   }

@@ -20,9 +20,10 @@ Tensor reshape(const Tensor& x, const Shape& s);
 // a [M, K] (or [K, M] if ta) times b [K, N] (or [N, K] if tb) -> [M, N]; 3-D inputs: batched with the
 // same leading dim.
 Tensor matmul(const Tensor& a, const Tensor& b, bool ta = false, bool tb = false);
-// x [..., K], w [N, K] (PyTorch Linear layout), optional b [N] -> [..., N]. A frozen w (no
-// requires_grad) gets no weight-gradient GEMM.
-Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b = Tensor());
+// x [..., K], w [N, K] (PyTorch Linear layout), optional b [N] -> [..., N], plus an optional addend of
+// the output's shape (added in the GEMM's epilogue: a LoRA branch's y + t·Bᵀ in one pass). A frozen w
+// (no requires_grad) gets no weight-gradient GEMM.
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b = Tensor(), const Tensor& addend = Tensor());
 // Over the last dim; w, b: [C].
 Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, double eps = 1e-5);
 // tokens [B, T] i32 -> wte[tokens] + wpe[0..T) : [B, T, C]. wpe may be undefined. Token ids must be

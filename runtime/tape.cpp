@@ -39,6 +39,23 @@ Tensor grad_buffer(const Tensor& t) {
   return Tensor(impl->grad);
 }
 
+GradTarget grad_target(const Tensor& t) {
+  TensorImpl* impl = t.impl();
+  if (impl->grad) return GradTarget{Tensor(impl->grad), false};
+  Tensor g = Tensor::empty(t.shape(), t.dtype(), t.device());
+  impl->grad = g.impl_ptr();
+  return GradTarget{g, true};
+}
+
+bool grad_take(const Tensor& t, const Tensor& g) {
+  TensorImpl* impl = t.impl();
+  if (impl->grad || impl->is_leaf || !g.defined() || t.shape() != g.shape() || t.dtype() != g.dtype() ||
+      t.device() != g.device())
+    return false;
+  impl->grad = g.impl_ptr();
+  return true;
+}
+
 void Tape::record(std::vector<std::shared_ptr<TensorImpl>> outputs, std::function<void()> backward) {
   for (auto& o : outputs) {
     o->requires_grad = true;

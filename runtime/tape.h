@@ -59,6 +59,18 @@ class NoGrad {
 bool needs_grad(std::initializer_list<const Tensor*> inputs);
 // The gradient buffer of t, allocated as zeros on first use; backward kernels accumulate into it.
 Tensor grad_buffer(const Tensor& t);
+// A backward closure's target for t's gradient: the buffer, and `fresh` when this is t's first
+// contribution. A fresh buffer is uninitialized: the closure writes it whole (a GEMM with beta = 0, a
+// copy) instead of zero-filling it and accumulating.
+struct GradTarget {
+  Tensor g;
+  bool fresh = false;
+};
+GradTarget grad_target(const Tensor& t);
+// Gives t the gradient g (a node's output gradient, dropped once the node has run) as its own, with no
+// copy, when t is an intermediate (not a leaf: leaves keep their gradients after backward) that has no
+// gradient yet and matches g in shape, dtype and device. Returns false, doing nothing, otherwise.
+bool grad_take(const Tensor& t, const Tensor& g);
 
 void backward(const Tensor& loss);  // tape().backward(loss)
 

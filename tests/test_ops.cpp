@@ -66,6 +66,23 @@ std::vector<OpCase> op_cases() {
   c.push_back({"linear+bias", {F({2, 3, 8}), F({6, 8}), F({6})},
                [](auto& x) { return ops::linear(x[0], x[1], x[2]); }});
   c.push_back({"linear", {F({4, 16}), F({12, 16})}, [](auto& x) { return ops::linear(x[0], x[1]); }});
+  // Intermediate (non-leaf) inputs reach the backward's hand-over and first-write paths: an addend
+  // takes the output's gradient, an input used twice gets a write then an add.
+  c.push_back({"linear+bias+addend", {F({2, 3, 8}), F({6, 8}), F({6}), F({2, 3, 6})},
+               [](auto& x) { return ops::linear(x[0], x[1], x[2], ops::scale(x[3], 1.5)); }});
+  c.push_back({"linear, input also the addend", {F({4, 6}), F({6, 6})}, [](auto& x) {
+                 Tensor t = ops::scale(x[0], 0.5);
+                 return ops::linear(t, x[1], Tensor(), t);
+               }});
+  c.push_back({"add chain with a repeated input", {F({3, 5}), F({3, 5})}, [](auto& x) {
+                 Tensor a = ops::scale(x[0], 2.0), b = ops::mul(x[1], x[1]);
+                 Tensor s = ops::add(a, a);
+                 return ops::add(ops::add(s, b), ops::mul(a, b));
+               }});
+  c.push_back({"matmul of an intermediate with itself", {F({5, 5})}, [](auto& x) {
+                 Tensor a = ops::scale(x[0], 0.5);
+                 return ops::matmul(a, a, false, true);
+               }});
   c.push_back({"layernorm", {F({3, 4, 16}, 2.0), F({16}), F({16})},
                [](auto& x) { return ops::layernorm(x[0], x[1], x[2]); }, 1e-5});
   c.push_back({"embedding", {I({2, 5}, 11), F({11, 8}), F({7, 8})},
@@ -80,6 +97,25 @@ std::vector<OpCase> op_cases() {
                [](auto& x) { return ops::cross_entropy(x[0], x[1]); }});
   c.push_back({"cross_entropy padded classes", {F({6, 16}, 3.0), I({6}, 11, true)},
                [](auto& x) { return ops::cross_entropy(x[0], x[1], -100, 11); }});
+  // The input also feeds a scale whose backward runs first: layernorm and gelu then add into an existing
+  // gradient (the plain cases write a fresh one).
+  // (Recorded in statement order: the scale after, so its backward runs before.)
+  c.push_back({"layernorm into an existing gradient", {F({3, 16}, 2.0), F({16}), F({16})}, [](auto& x) {
+                 Tensor l = ops::layernorm(x[0], x[1], x[2]);
+                 Tensor t = ops::scale(x[0], 0.3);
+                 return ops::add(l, t);
+               }, 1e-5});
+  c.push_back({"gelu into an existing gradient", {F({4, 9}, 2.0)}, [](auto& x) {
+                 Tensor g = ops::gelu(x[0]);
+                 Tensor t = ops::scale(x[0], -0.4);
+                 return ops::add(g, t);
+               }});
+  // The logits also feed another op, whose backward runs first: cross-entropy then adds into a
+  // gradient that exists (the other cases write a fresh one, padding and ignored rows as zeros).
+  c.push_back({"cross_entropy into an existing gradient", {F({6, 16}, 3.0), I({6}, 11, true)}, [](auto& x) {
+                 Tensor ce = ops::cross_entropy(x[0], x[1], -100, 11);  // f32 for bf16 logits
+                 return ops::add(ce, ops::cast(ops::mean(ops::scale(x[0], 0.3)), ce.dtype()));
+               }});
   c.push_back({"cast f64->f32->f64", {F({9})},
                [](auto& x) { return ops::cast(ops::cast(x[0], DType::f32), x[0].dtype()); }, 1e-4, 1e-2, 1e-2});
   return c;

@@ -265,9 +265,13 @@ void bench_activations(Bench& b) {
     b.mem("layernorm fwd", btc, 2 * n * kE + 2 * C * kE + 2 * R * kF, [&] {
       kc::layernorm_fwd(kBf, x.data(), w.data(), bb.data(), y.data(), mu.data(), rs.data(), R, C, 1e-5, s);
     });
-    b.mem("layernorm bwd", btc, 4 * n * kE + 5 * C * kE + 2 * R * kF, [&] {
+    b.mem("layernorm bwd (dx accumulate)", btc, 4 * n * kE + 5 * C * kE + 2 * R * kF, [&] {
       kc::layernorm_bwd(kBf, x.data(), w.data(), mu.data(), rs.data(), dy.data(), dx.data(), dw.data(), db.data(), R,
-                        C, s);
+                        C, true, s);
+    });
+    b.mem("layernorm bwd (dx first write)", btc, 3 * n * kE + 5 * C * kE + 2 * R * kF, [&] {
+      kc::layernorm_bwd(kBf, x.data(), w.data(), mu.data(), rs.data(), dy.data(), dx.data(), dw.data(), db.data(), R,
+                        C, false, s);
     });
   }
   {  // residual add; its backward is one accumulate per input (y += dy)
@@ -282,7 +286,8 @@ void bench_activations(Bench& b) {
     Tensor x = rnd({m}, 51, kBf), y = rnd({m}, 52, kBf), dy = rnd({m}, 53, kBf), dx = rnd({m}, 54, kBf);
     const std::string sh = shp({B, T, 4 * C});
     b.mem("gelu fwd", sh, 2.0 * m * kE, [&] { kc::gelu_fwd(kBf, x.data(), y.data(), m, s); });
-    b.mem("gelu bwd", sh, 4.0 * m * kE, [&] { kc::gelu_bwd(kBf, x.data(), dy.data(), dx.data(), m, s); });
+    b.mem("gelu bwd (accumulate)", sh, 4.0 * m * kE, [&] { kc::gelu_bwd(kBf, x.data(), dy.data(), dx.data(), m, true, s); });
+    b.mem("gelu bwd (first write)", sh, 3.0 * m * kE, [&] { kc::gelu_bwd(kBf, x.data(), dy.data(), dx.data(), m, false, s); });
   }
   {  // softmax cross-entropy over the vocabulary
     Tensor tgt = random_ids(R, V, 61).first;
@@ -295,9 +300,13 @@ void bench_activations(Bench& b) {
     b.mem("cross_entropy fwd", sh, lg + R * kF + 2 * R * kF, [&] {
       kc::cross_entropy_fwd(kBf, logits.data(), tgt.data_as<int32_t>(), lse.data(), loss.data(), R, V, V, -100, s);
     });
-    b.mem("cross_entropy bwd", sh, 3 * lg + 2 * R * kF, [&] {
+    b.mem("cross_entropy bwd (accumulate)", sh, 3 * lg + 2 * R * kF, [&] {
       kc::cross_entropy_bwd(kBf, logits.data(), tgt.data_as<int32_t>(), lse.data(), dloss.data(), count.data(),
-                            dlogits.data(), R, V, V, -100, s);
+                            dlogits.data(), R, V, V, -100, true, s);
+    });
+    b.mem("cross_entropy bwd (first write)", sh, 2 * lg + 2 * R * kF, [&] {
+      kc::cross_entropy_bwd(kBf, logits.data(), tgt.data_as<int32_t>(), lse.data(), dloss.data(), count.data(),
+                            dlogits.data(), R, V, V, -100, false, s);
     });
   }
 }

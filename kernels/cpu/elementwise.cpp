@@ -132,7 +132,7 @@ void gelu_fwd(DType dt, const void* x, void* y, int64_t n, cudaStream_t) {
 
 // d/dx [0.5 x (1 + tanh u)] with u = k (x + c x^3):
 //   0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) k (1 + 3 c x^2)
-void gelu_bwd(DType dt, const void* x, const void* dy, void* dx, int64_t n, cudaStream_t) {
+void gelu_bwd(DType dt, const void* x, const void* dy, void* dx, int64_t n, bool accumulate, cudaStream_t) {
   float_dispatch(dt, "gelu_bwd", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* px = static_cast<const T*>(x);
@@ -143,7 +143,7 @@ void gelu_bwd(DType dt, const void* x, const void* dy, void* dx, int64_t n, cuda
       const double th = std::tanh(kSqrt2OverPi * (v + kGeluC * v * v * v));
       const double d = 0.5 * (1.0 + th) +
                        0.5 * v * (1.0 - th * th) * kSqrt2OverPi * (1.0 + 3.0 * kGeluC * v * v);
-      pdx[i] = st<T>(ld(pdx[i]) + d * ld(pdy[i]));
+      pdx[i] = st<T>((accumulate ? ld(pdx[i]) : 0.0) + d * ld(pdy[i]));
     }
   });
 }

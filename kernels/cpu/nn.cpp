@@ -122,7 +122,7 @@ void layernorm_fwd(DType dt, const void* x, const void* w, const void* b, void* 
 //   dx += rstd (g - mean_c(g) - xhat mean_c(g xhat)),  dw += sum_r dy xhat,  db += sum_r dy.
 void layernorm_bwd(DType dt, const void* x, const void* w, const void* mean, const void* rstd,
                    const void* dy, void* dx, void* dw, void* db, int64_t rows, int64_t C,
-                   cudaStream_t) {
+                   bool dx_accumulate, cudaStream_t) {
   float_dispatch(dt, "layernorm_bwd", [&](auto tag) {
     using E = typename decltype(tag)::type;
     using S = Stat<E>;
@@ -150,7 +150,7 @@ void layernorm_bwd(DType dt, const void* x, const void* w, const void* mean, con
       gx_mean /= double(C);
       if (pdx)
         for (int64_t c = 0; c < C; ++c)
-          pdx[r * C + c] = st<E>(ld(pdx[r * C + c]) + rs * (g[c] - g_mean - xhat[c] * gx_mean));
+          pdx[r * C + c] = st<E>((dx_accumulate ? ld(pdx[r * C + c]) : 0.0) + rs * (g[c] - g_mean - xhat[c] * gx_mean));
     }
     E* pdw = static_cast<E*>(dw);
     E* pdb = static_cast<E*>(db);
@@ -194,13 +194,14 @@ void cross_entropy_fwd(DType dt, const void* logits, const int32_t* tgt, void* l
 // Probabilities are recomputed from the saved lse. count == 0 means every row is ignored: no-op.
 void cross_entropy_bwd(DType dt, const void* logits, const int32_t* tgt, const void* lse,
                        const void* dloss, const void* count, void* dlogits, int64_t rows, int64_t V,
-                       int64_t row_stride, int32_t ignore, cudaStream_t) {
+                       int64_t row_stride, int32_t ignore, bool accumulate, cudaStream_t) {
   float_dispatch(dt, "cross_entropy_bwd", [&](auto tag) {
     using E = typename decltype(tag)::type;
     using S = Stat<E>;
     const E* pl = static_cast<const E*>(logits);
     const S* plse = static_cast<const S*>(lse);
     E* pd = static_cast<E*>(dlogits);
+    if (!accumulate) std::fill(pd, pd + rows * row_stride, st<E>(0.0));
     const double cnt = *static_cast<const S*>(count);
     if (cnt == 0.0) return;
     const double k = double(*static_cast<const S*>(dloss)) / cnt;

@@ -69,15 +69,16 @@ template <class T> struct GeluFwdOp : OpBase<T> {
     return A(0.5) * x * (A(1) + tanh_acc(u));
   }
 };
-template <class T> struct GeluBwdOp : OpBase<T> {
-  static constexpr bool reads_a = true, reads_b = true, reads_y = true;
+// dx (+)= gelu'(x) dy: Acc adds into dx, else writes it (dx is not read).
+template <class T, bool Acc> struct GeluBwdOp : OpBase<T> {
+  static constexpr bool reads_a = true, reads_b = true, reads_y = Acc;
   __device__ acc_t<T> operator()(acc_t<T> x, acc_t<T> dy, acc_t<T> dx) const {
     using A = acc_t<T>;
     const A x2 = x * x;
     const A th = tanh_acc(A(kSqrt2OverPi) * (x + A(kGeluC) * x2 * x));
     const A d = A(0.5) * (A(1) + th) +
                 A(0.5) * x * (A(1) - th * th) * A(kSqrt2OverPi) * (A(1) + A(3 * kGeluC) * x2);
-    return dx + d * dy;
+    return Acc ? dx + d * dy : d * dy;
   }
 };
 
@@ -383,10 +384,11 @@ void gelu_fwd(DType dt, const void* x, void* y, int64_t n, cudaStream_t s) {
   });
 }
 
-void gelu_bwd(DType dt, const void* x, const void* dy, void* dx, int64_t n, cudaStream_t s) {
+void gelu_bwd(DType dt, const void* x, const void* dy, void* dx, int64_t n, bool accumulate, cudaStream_t s) {
   dispatch_float(dt, "gelu_bwd", [&](auto tag) {
     using T = decltype(tag);
-    launch_map<T>(GeluBwdOp<T>{}, x, dy, dx, n, s);
+    if (accumulate) launch_map<T>(GeluBwdOp<T, true>{}, x, dy, dx, n, s);
+    else launch_map<T>(GeluBwdOp<T, false>{}, x, dy, dx, n, s);
   });
 }
 

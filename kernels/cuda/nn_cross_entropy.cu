@@ -123,28 +123,35 @@ __global__ void __launch_bounds__(kCeThreads) ce_fwd_kernel(const T* __restrict_
   }
 }
 
-// dlogits[r, :] += dloss / count * (softmax - onehot). Both rows share their misalignment (checked
-// by the launcher) so one head/body/tail split serves both.
+// dlogits[r, :] += dloss / count * (softmax - onehot); with !acc it is written instead (ignored rows
+// and padding columns as zeros), so the buffer needs no zero fill first. Both rows share their
+// misalignment (checked by the launcher) so one head/body/tail split serves both.
 template <class T, int N>
 __global__ void __launch_bounds__(kCeThreads) ce_bwd_kernel(const T* __restrict__ logits, const int32_t* __restrict__ tgt,
                                                             const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ dloss,
                                                             const acc_t<T>* __restrict__ count, T* __restrict__ dlogits,
-                                                            int64_t V, int64_t row_stride, int32_t ignore) {
+                                                            int64_t V, int64_t row_stride, int32_t ignore, bool acc) {
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
   const int32_t t = tgt[row];
-  if (t == ignore) return;
   const A cnt = count[0];
-  if (cnt == A(0)) return;
+  T* dr = dlogits + row * row_stride;
+  if (t == ignore || cnt == A(0)) {
+    if (!acc)
+      for (int64_t i = threadIdx.x; i < row_stride; i += blockDim.x) dr[i] = from_acc<T>(A(0));
+    return;
+  }
+  if (!acc)
+    for (int64_t i = V + threadIdx.x; i < row_stride; i += blockDim.x) dr[i] = from_acc<T>(A(0));
   const A k = dloss[0] / cnt;
   const A l = lse[row];
   const T* xr = logits + row * row_stride;
-  T* dr = dlogits + row * row_stride;
   auto grad = [&](A x, A d, int64_t i) { return d + k * (fast_exp(x - l) - (i == t ? A(1) : A(0))); };
+  auto old = [&](int64_t i) { return acc ? to_acc(dr[i]) : A(0); };
   const int head = row_head<T, N>(xr, V);
   const int64_t body = (V - head) / N;
   const int64_t tail = head + body * N;
-  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) dr[i] = from_acc<T>(grad(to_acc(xr[i]), to_acc(dr[i]), i));
+  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) dr[i] = from_acc<T>(grad(to_acc(xr[i]), old(i), i));
   constexpr int U = 2;
   for (int64_t p0 = threadIdx.x; p0 < body; p0 += int64_t(U) * blockDim.x) {
     Pack<T, N> xp[U], dp[U];  // clamped like ce_fwd_kernel; only packs < body are stored
@@ -152,7 +159,12 @@ __global__ void __launch_bounds__(kCeThreads) ce_bwd_kernel(const T* __restrict_
     for (int u = 0; u < U; ++u) {
       const int64_t p = min(p0 + int64_t(u) * blockDim.x, body - 1);
       xp[u] = load_pack_cs<N>(xr + head + p * N);
-      dp[u] = load_pack_cs<N>(dr + head + p * N);
+      if (acc) {
+        dp[u] = load_pack_cs<N>(dr + head + p * N);
+      } else {
+#pragma unroll
+        for (int e = 0; e < N; ++e) dp[u].v[e] = from_acc<T>(A(0));
+      }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -165,7 +177,7 @@ __global__ void __launch_bounds__(kCeThreads) ce_bwd_kernel(const T* __restrict_
       }
     }
   }
-  for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) dr[i] = from_acc<T>(grad(to_acc(xr[i]), to_acc(dr[i]), i));
+  for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) dr[i] = from_acc<T>(grad(to_acc(xr[i]), old(i), i));
 }
 
 template <class A>
@@ -214,7 +226,7 @@ void cross_entropy_fwd(DType dt, const void* logits, const int32_t* tgt, void* l
 
 void cross_entropy_bwd(DType dt, const void* logits, const int32_t* tgt, const void* lse, const void* dloss,
                        const void* count, void* dlogits, int64_t rows, int64_t V, int64_t row_stride, int32_t ignore,
-                       cudaStream_t s) {
+                       bool accumulate, cudaStream_t s) {
   if (rows <= 0 || !dlogits) return;
   if (rows > int64_t(INT32_MAX)) throw std::invalid_argument("kernels::cuda::cross_entropy_bwd: rows over 2^31-1");
   dispatch_float(dt, "cross_entropy_bwd", [&](auto tag) {
@@ -226,10 +238,12 @@ void cross_entropy_bwd(DType dt, const void* logits, const int32_t* tgt, const v
     const bool same_mis = (reinterpret_cast<uintptr_t>(pl) & 15u) == (reinterpret_cast<uintptr_t>(pd) & 15u);
     if (same_mis && aligned_to(pl, sizeof(E)))
       ce_bwd_kernel<E, N><<<unsigned(rows), kCeThreads, 0, s>>>(pl, tgt, static_cast<const A*>(lse), static_cast<const A*>(dloss),
-                                                               static_cast<const A*>(count), pd, V, row_stride, ignore);
+                                                               static_cast<const A*>(count), pd, V, row_stride, ignore,
+                                                               accumulate);
     else
       ce_bwd_kernel<E, 1><<<unsigned(rows), kCeThreads, 0, s>>>(pl, tgt, static_cast<const A*>(lse), static_cast<const A*>(dloss),
-                                                               static_cast<const A*>(count), pd, V, row_stride, ignore);
+                                                               static_cast<const A*>(count), pd, V, row_stride, ignore,
+                                                               accumulate);
     CUDA_CHECK_LAUNCH();
   });
 }

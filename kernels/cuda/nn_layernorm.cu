@@ -129,7 +129,7 @@ template <class T, int N, int NV, bool kWB> struct LnBwdOccupancy {
 template <class T, int N, int NV, bool kWB>
 __global__ void __launch_bounds__(kRowThreads, (LnBwdOccupancy<T, N, NV, kWB>::value))
     ln_bwd_kernel(const T* x, const T* w, const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ rstd,
-                  const T* dy, T* dx, acc_t<T>* __restrict__ partial, int64_t rows, int C) {
+                  const T* dy, T* dx, acc_t<T>* __restrict__ partial, int64_t rows, int C, bool dx_acc) {
   using A = acc_t<T>;
   extern __shared__ unsigned char ln_smem[];
   const int lane = lane_id(), warp = warp_id(), packs = C / N;
@@ -185,7 +185,12 @@ __global__ void __launch_bounds__(kRowThreads, (LnBwdOccupancy<T, N, NV, kWB>::v
       const int jc = min(lane + 32 * k, packs - 1);
       xv[k] = load_pack<N>(xr + jc * N);
       dv[k] = load_pack<N>(dyr + jc * N);
-      ov[k] = load_pack<N>(dxr + jc * N);
+      if (dx_acc) {
+        ov[k] = load_pack<N>(dxr + jc * N);
+      } else {
+#pragma unroll
+        for (int e = 0; e < N; ++e) ov[k].v[e] = from_acc<T>(A(0));
+      }
     }
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
@@ -230,7 +235,7 @@ __global__ void __launch_bounds__(kRowThreads) ln_bwd_dx_generic_kernel(const T*
                                                                         const acc_t<T>* __restrict__ mean,
                                                                         const acc_t<T>* __restrict__ rstd,
                                                                         const T* __restrict__ dy, T* __restrict__ dx,
-                                                                        int64_t rows, int64_t C) {
+                                                                        int64_t rows, int64_t C, bool dx_acc) {
   using A = acc_t<T>;
   const int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + warp_id();
   if (row >= rows) return;
@@ -251,7 +256,7 @@ __global__ void __launch_bounds__(kRowThreads) ln_bwd_dx_generic_kernel(const T*
   for (int64_t c = lane; c < C; c += 32) {
     const A xh = (to_acc(xr[c]) - m) * rs;
     const A g = w ? to_acc(dyr[c]) * to_acc(w[c]) : to_acc(dyr[c]);
-    dxr[c] = from_acc<T>(to_acc(dxr[c]) + rs * (g - s1 - xh * s2));
+    dxr[c] = from_acc<T>((dx_acc ? to_acc(dxr[c]) : A(0)) + rs * (g - s1 - xh * s2));
   }
 }
 
@@ -297,11 +302,11 @@ void ln_fwd_launch(const T* x, const T* w, const T* b, T* y, acc_t<T>* mean, acc
 
 template <class T, int N, int NV>
 void ln_bwd_launch(const T* x, const T* w, const acc_t<T>* mean, const acc_t<T>* rstd, const T* dy, T* dx, T* dw,
-                   T* db, int64_t rows, int64_t C, cudaStream_t s) {
+                   T* db, int64_t rows, int64_t C, bool dx_acc, cudaStream_t s) {
   using A = acc_t<T>;
   if (!dw && !db) {
     const unsigned grid = unsigned(std::min<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, INT32_MAX));
-    ln_bwd_kernel<T, N, NV, false><<<grid, kRowThreads, 0, s>>>(x, w, mean, rstd, dy, dx, nullptr, rows, int(C));
+    ln_bwd_kernel<T, N, NV, false><<<grid, kRowThreads, 0, s>>>(x, w, mean, rstd, dy, dx, nullptr, rows, int(C), dx_acc);
     CUDA_CHECK_LAUNCH();
     return;
   }
@@ -310,7 +315,8 @@ void ln_bwd_launch(const T* x, const T* w, const acc_t<T>* mean, const acc_t<T>*
   const unsigned grid = unsigned(std::clamp<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, 1, 256));
   const size_t smem = 2 * size_t(C) * sizeof(A);
   Scratch part(size_t(grid) * smem);
-  ln_bwd_kernel<T, N, NV, true><<<grid, kRowThreads, smem, s>>>(x, w, mean, rstd, dy, dx, part.as<A>(), rows, int(C));
+  ln_bwd_kernel<T, N, NV, true><<<grid, kRowThreads, smem, s>>>(x, w, mean, rstd, dy, dx, part.as<A>(), rows, int(C),
+                                                                dx_acc);
   CUDA_CHECK_LAUNCH();
   if (dw) colsum_acc_impl<A, T>(part.as<A>(), int64_t(grid), C, 2 * C, dw, s);
   if (db) colsum_acc_impl<A, T>(part.as<A>() + C, int64_t(grid), C, 2 * C, db, s);
@@ -357,7 +363,7 @@ void layernorm_fwd(DType dt, const void* x, const void* w, const void* b, void* 
 }
 
 void layernorm_bwd(DType dt, const void* x, const void* w, const void* mean, const void* rstd, const void* dy,
-                   void* dx, void* dw, void* db, int64_t rows, int64_t C, cudaStream_t s) {
+                   void* dx, void* dw, void* db, int64_t rows, int64_t C, bool dx_accumulate, cudaStream_t s) {
   if (rows <= 0 || C <= 0 || (!dx && !dw && !db)) return;
   dispatch_float(dt, "layernorm_bwd", [&](auto tag) {
     using E = decltype(tag);
@@ -374,12 +380,12 @@ void layernorm_bwd(DType dt, const void* x, const void* w, const void* mean, con
     const bool vec = C % N == 0 && aligned16(px) && aligned16(pdy) && (!pdx || aligned16(pdx)) &&
                      (!pw || aligned16(pw));
     const bool done = vec && with_nv((C / N + 31) / 32, [&](auto nv) {
-      ln_bwd_launch<E, N, decltype(nv)::value>(px, pw, pm, pr, pdy, pdx, pdw, pdb, rows, C, s);
+      ln_bwd_launch<E, N, decltype(nv)::value>(px, pw, pm, pr, pdy, pdx, pdw, pdb, rows, C, dx_accumulate, s);
     });
     if (done) return;
     if (pdx) {
       const unsigned grid = unsigned((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
-      ln_bwd_dx_generic_kernel<E><<<grid, kRowThreads, 0, s>>>(px, pw, pm, pr, pdy, pdx, rows, C);
+      ln_bwd_dx_generic_kernel<E><<<grid, kRowThreads, 0, s>>>(px, pw, pm, pr, pdy, pdx, rows, C, dx_accumulate);
       CUDA_CHECK_LAUNCH();
     }
     if (pdw || pdb) {
