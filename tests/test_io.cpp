@@ -314,6 +314,32 @@ TEST_CASE("atomic file: replaces on commit, leaves the old file otherwise") {
   CHECK(contains(error_of([&] { write_file_atomic(dir.file("no/such/dir/x"), "x"); }), "no/such/dir/x"));
 }
 
+// Forks a child that runs body(fd): it writes one byte to fd when under way, then works until killed.
+// The parent waits for that byte, sleeps `delay`, kills the child with SIGKILL and returns its wait status.
+static int run_until_killed(const std::function<void(int)>& body, useconds_t delay) {
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::close(fds[0]);
+    try {
+      body(fds[1]);
+    } catch (...) {
+    }
+    ::_exit(3);
+  }
+  ::close(fds[1]);
+  char c = 0;
+  REQUIRE(::read(fds[0], &c, 1) == 1);
+  ::close(fds[0]);
+  ::usleep(delay);
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return status;
+}
+
 TEST_CASE("atomic file: a writer killed with SIGKILL mid-save leaves the previous file loadable") {
   TempDir dir;
   const std::string path = dir.file("ckpt.safetensors");
@@ -322,33 +348,18 @@ TEST_CASE("atomic file: a writer killed with SIGKILL mid-save leaves the previou
 
   // (a) The child stops mid-write (temp file partly written, no rename) and is killed.
   {
-    int fds[2];
-    REQUIRE(::pipe(fds) == 0);
-    pid_t pid = ::fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
-      ::close(fds[0]);
-      try {
-        AtomicFile f(path);
-        std::string chunk(1 << 20, 'x');
-        f.write(chunk);
-        (void)!::write(fds[1], "w", 1);
-        for (;;) {  // keep writing slowly until killed
+    const int status = run_until_killed(
+        [&](int fd) {
+          AtomicFile f(path);
+          std::string chunk(1 << 20, 'x');
           f.write(chunk);
-          ::usleep(1000);
-        }
-      } catch (...) {
-      }
-      ::_exit(3);
-    }
-    ::close(fds[1]);
-    char c = 0;
-    REQUIRE(::read(fds[0], &c, 1) == 1);
-    ::close(fds[0]);
-    ::usleep(20000);
-    ::kill(pid, SIGKILL);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
+          (void)!::write(fd, "w", 1);
+          for (;;) {  // keep writing slowly until killed
+            f.write(chunk);
+            ::usleep(1000);
+          }
+        },
+        20000);
     CHECK(WIFSIGNALED(status));
     auto f = load_safetensors(path);
     CHECK(same_bytes(f.at("w"), old_w));
@@ -359,27 +370,12 @@ TEST_CASE("atomic file: a writer killed with SIGKILL mid-save leaves the previou
   // always one complete checkpoint, old or new.
   Tensor new_w = make_tensor({512, 1024}, DType::f32, 12);  // 2 MiB
   for (int round = 0; round < 5; ++round) {
-    int fds[2];
-    REQUIRE(::pipe(fds) == 0);
-    pid_t pid = ::fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
-      ::close(fds[0]);
-      (void)!::write(fds[1], "s", 1);
-      try {
-        for (;;) save_safetensors(path, {{"w", new_w}}, {{"step", "2"}});
-      } catch (...) {
-      }
-      ::_exit(3);
-    }
-    ::close(fds[1]);
-    char c = 0;
-    REQUIRE(::read(fds[0], &c, 1) == 1);
-    ::close(fds[0]);
-    ::usleep(useconds_t(3000 + 7000 * round));
-    ::kill(pid, SIGKILL);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
+    const int status = run_until_killed(
+        [&](int fd) {
+          (void)!::write(fd, "s", 1);
+          for (;;) save_safetensors(path, {{"w", new_w}}, {{"step", "2"}});
+        },
+        useconds_t(3000 + 7000 * round));
     CHECK(WIFSIGNALED(status));
     auto f = load_safetensors(path);
     const std::string step = f.header.metadata.at("step");
