@@ -42,9 +42,11 @@ struct Gemm {
      Scale 1/sqrt(C/H). */                                                                          \
   void attention_fwd(DType dt, const void* qkv, void* out, void* lse, int64_t B, int64_t T,         \
                      int64_t C, int64_t H, cudaStream_t s);                                         \
-  /* dqkv += d(out)/d(qkv) applied to dout, from the saved out and lse. */                          \
+  /* dqkv += d(out)/d(qkv) applied to dout, from the saved out and lse; !accumulate: = (dqkv may   \
+     hold garbage before). */                                                                       \
   void attention_bwd(DType dt, const void* qkv, const void* out, const void* lse, const void* dout, \
-                     void* dqkv, int64_t B, int64_t T, int64_t C, int64_t H, cudaStream_t s);
+                     void* dqkv, int64_t B, int64_t T, int64_t C, int64_t H, bool accumulate,       \
+                     cudaStream_t s);
 
 namespace deeplora::kernels::cpu {
 DEEPLORA_MATMUL_DECLS

@@ -419,8 +419,9 @@ Tensor attention(const Tensor& qkv, int64_t n_head) {
     // Save a detached handle to out: the closure must not keep the output's grad slot alive.
     Tensor out_saved = out.detach();
     tape().record(outs({&out}), [qkv, out_saved, lse, oi, d, B, T, C, n_head] {
+      GradTarget gq = grad_target(qkv);  // written on its first contribution, no zero fill
       DL_K(d, attention_bwd, qkv.dtype(), qkv.data(), out_saved.data(), lse.data(), Tensor(oi->grad).data(),
-           grad_buffer(qkv).data(), B, T, C, n_head, stream_for(d));
+           gq.g.data(), B, T, C, n_head, !gq.fresh, stream_for(d));
     });
   }
   return out;

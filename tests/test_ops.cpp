@@ -110,6 +110,11 @@ std::vector<OpCase> op_cases() {
                  Tensor t = ops::scale(x[0], -0.4);
                  return ops::add(g, t);
                }});
+  c.push_back({"attention into an existing gradient (hd=64)", {F({2, 40, 3 * 128})}, [](auto& x) {
+                 Tensor o = ops::attention(x[0], 2);
+                 Tensor t = ops::scale(x[0], 0.3);
+                 return ops::add(ops::sum(ops::mul(o, o)), ops::sum(ops::mul(t, t)));
+               }, 1e-5});
   // The logits also feed another op, whose backward runs first: cross-entropy then adds into a
   // gradient that exists (the other cases write a fresh one, padding and ignored rows as zeros).
   c.push_back({"cross_entropy into an existing gradient", {F({6, 16}, 3.0), I({6}, 11, true)}, [](auto& x) {

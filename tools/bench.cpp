@@ -323,8 +323,11 @@ void bench_attention(Bench& b) {
   const std::string sh = fmt::format("{} H={}", shp({B, T, C}), H);
   b.flop("attention fwd", sh, 2 * unit,
          [&] { kc::attention_fwd(kBf, qkv.data(), out.data(), lse.data(), B, T, C, H, s); }, b.peak_tflops(), "peak gemm");
-  b.flop("attention bwd", sh, 5 * unit, [&] {
-    kc::attention_bwd(kBf, qkv.data(), out.data(), lse.data(), dout.data(), dqkv.data(), B, T, C, H, s);
+  b.flop("attention bwd (accumulate)", sh, 5 * unit, [&] {
+    kc::attention_bwd(kBf, qkv.data(), out.data(), lse.data(), dout.data(), dqkv.data(), B, T, C, H, true, s);
+  }, b.peak_tflops(), "peak gemm");
+  b.flop("attention bwd (first write)", sh, 5 * unit, [&] {
+    kc::attention_bwd(kBf, qkv.data(), out.data(), lse.data(), dout.data(), dqkv.data(), B, T, C, H, false, s);
   }, b.peak_tflops(), "peak gemm");
 }
 

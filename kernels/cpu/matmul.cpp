@@ -156,9 +156,9 @@ void attention_fwd(DType dt, const void* qkv, void* out, void* lse, int64_t B, i
 
 // P from the saved lse; D_t = dout_t.out_t; dS_tj = P_tj (dout_t.v_j - D_t);
 // dq_t += scale sum_j dS_tj k_j; dk_j += scale dS_tj q_t; dv_j += P_tj dout_t.
-// Gradients are summed in double per batch entry and added to dqkv once.
+// Gradients are summed in double per batch entry and added to (or written into) dqkv once.
 void attention_bwd(DType dt, const void* qkv, const void* out, const void* lse, const void* dout,
-                   void* dqkv, int64_t B, int64_t T, int64_t C, int64_t H, cudaStream_t) {
+                   void* dqkv, int64_t B, int64_t T, int64_t C, int64_t H, bool accumulate, cudaStream_t) {
   check_attention("attention_bwd", B, T, C, H);
   float_dispatch(dt, "attention_bwd", [&](auto tag) {
     using E = typename decltype(tag)::type;
@@ -206,7 +206,7 @@ void attention_bwd(DType dt, const void* qkv, const void* out, const void* lse, 
           }
         }
       E* pd = static_cast<E*>(dqkv) + b * T * C3;
-      for (int64_t i = 0; i < T * C3; ++i) pd[i] = st<E>(ld(pd[i]) + g[i]);
+      for (int64_t i = 0; i < T * C3; ++i) pd[i] = st<E>((accumulate ? ld(pd[i]) : 0.0) + g[i]);
     }
   });
 }

@@ -195,7 +195,7 @@ void fwd_simple(const T* qkv, T* out, typename Traits<T>::Acc* lse, int64_t B, i
 
 template <class T>
 void bwd_simple(const T* qkv, const T* out, const typename Traits<T>::Acc* lse, const T* dout, T* dqkv, int64_t B,
-                int64_t T_, int64_t C, int64_t H, cudaStream_t s) {
+                int64_t T_, int64_t C, int64_t H, bool accumulate, cudaStream_t s) {
   using A = typename Traits<T>::Acc;
   constexpr DType dt = Traits<T>::dt, adt = Traits<A>::dt;
   constexpr bool separate_p = !std::is_same_v<T, A>;
@@ -238,7 +238,10 @@ void bwd_simple(const T* qkv, const T* out, const typename Traits<T>::Acc* lse, 
     head_gemm(dt, adt, false, false, T_, hd, T_, double(scale), dS, T_, TT, k + off, hd, T_ * hd, dq + off, hd,
               T_ * hd, n, s);
   }
-  unpermute_heads<A, T, true><<<blocks_for(B * T_ * 3 * C), kThreads, 0, s>>>(grads.as<A>(), dqkv, B, T_, 3, C, H);
+  if (accumulate)
+    unpermute_heads<A, T, true><<<blocks_for(B * T_ * 3 * C), kThreads, 0, s>>>(grads.as<A>(), dqkv, B, T_, 3, C, H);
+  else
+    unpermute_heads<A, T, false><<<blocks_for(B * T_ * 3 * C), kThreads, 0, s>>>(grads.as<A>(), dqkv, B, T_, 3, C, H);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -276,25 +279,25 @@ void attention_fwd(DType dt, const void* qkv, void* out, void* lse, int64_t B, i
 }
 
 void attention_bwd(DType dt, const void* qkv, const void* out, const void* lse, const void* dout, void* dqkv,
-                   int64_t B, int64_t T, int64_t C, int64_t H, cudaStream_t s) {
+                   int64_t B, int64_t T, int64_t C, int64_t H, bool accumulate, cudaStream_t s) {
   check_args("attention_bwd", dt, B, T, C, H);
   if (B == 0 || T == 0) return;
   switch (dt) {
     case DType::f32:
       bwd_simple(static_cast<const float*>(qkv), static_cast<const float*>(out), static_cast<const float*>(lse),
-                 static_cast<const float*>(dout), static_cast<float*>(dqkv), B, T, C, H, s);
+                 static_cast<const float*>(dout), static_cast<float*>(dqkv), B, T, C, H, accumulate, s);
       return;
     case DType::bf16:
       if (detail::flash_bwd_supported(qkv, out, dout, dqkv, C, H)) {
-        detail::flash_bwd_bf16(qkv, out, static_cast<const float*>(lse), dout, dqkv, B, T, C, H, s);
+        detail::flash_bwd_bf16(qkv, out, static_cast<const float*>(lse), dout, dqkv, B, T, C, H, accumulate, s);
         return;
       }
       bwd_simple(static_cast<const bf16_t*>(qkv), static_cast<const bf16_t*>(out), static_cast<const float*>(lse),
-                 static_cast<const bf16_t*>(dout), static_cast<bf16_t*>(dqkv), B, T, C, H, s);
+                 static_cast<const bf16_t*>(dout), static_cast<bf16_t*>(dqkv), B, T, C, H, accumulate, s);
       return;
     case DType::f64:
       bwd_simple(static_cast<const double*>(qkv), static_cast<const double*>(out), static_cast<const double*>(lse),
-                 static_cast<const double*>(dout), static_cast<double*>(dqkv), B, T, C, H, s);
+                 static_cast<const double*>(dout), static_cast<double*>(dqkv), B, T, C, H, accumulate, s);
       return;
     default: return;
   }

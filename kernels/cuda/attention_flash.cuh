@@ -13,7 +13,8 @@ void flash_fwd_bf16(const void* qkv, void* out, float* lse, int64_t B, int64_t T
 // True when the fused backward takes this call: head size 64, qkv / out / dout 16-byte aligned, dqkv 4-byte.
 bool flash_bwd_supported(const void* qkv, const void* out, const void* dout, const void* dqkv, int64_t C,
                          int64_t H);
-// Same contract as attention_bwd for dt = bf16 (dqkv +=); lse is f32 [B, H, T]. Deterministic.
+// Same contract as attention_bwd for dt = bf16 (dqkv += when accumulate, else =; every element is
+// stored once); lse is f32 [B, H, T]. Deterministic.
 void flash_bwd_bf16(const void* qkv, const void* out, const float* lse, const void* dout, void* dqkv, int64_t B,
-                    int64_t T, int64_t C, int64_t H, cudaStream_t s);
+                    int64_t T, int64_t C, int64_t H, bool accumulate, cudaStream_t s);
 }  // namespace deeplora::kernels::cuda::detail

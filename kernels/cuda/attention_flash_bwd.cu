@@ -90,7 +90,7 @@ __device__ __forceinline__ int boff_t(int lane) {
 
 // Adds 16 x 64 f32 accumulators (times mul) into bf16 rows row0 + g, row0 + g + 8 of a [T, pitch] matrix.
 __device__ __forceinline__ void add_rows_bf16(bf16_t* dst, int64_t pitch, int row0, int T, const float (&acc)[8][4],
-                                              float mul, int g, int tg) {
+                                              float mul, int g, int tg, bool add) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + g + 8 * r;
@@ -99,7 +99,7 @@ __device__ __forceinline__ void add_rows_bf16(bf16_t* dst, int64_t pitch, int ro
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) {
       uint32_t* p = reinterpret_cast<uint32_t*>(drow + nb * 8);
-      uint32_t old_bits = *p;
+      uint32_t old_bits = add ? *p : 0u;  // bf16 zero bits: a first write ignores what dst held
       const float2 old = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&old_bits));
       *p = pack_bf16(acc[nb][2 * r] * mul + old.x, acc[nb][2 * r + 1] * mul + old.y);
     }
@@ -111,7 +111,7 @@ __device__ __forceinline__ void add_rows_bf16(bf16_t* dst, int64_t pitch, int ro
 __global__ void __launch_bounds__(kQWarps * 32)
     flash_bwd_dq_kernel(const bf16_t* __restrict__ qkv, const bf16_t* __restrict__ out,
                         const bf16_t* __restrict__ dout, const float* __restrict__ lse, float* __restrict__ Dg,
-                        bf16_t* __restrict__ dqkv, int T, int C, int H, float scale_log2, float scale) {
+                        bf16_t* __restrict__ dqkv, int T, int C, int H, float scale_log2, float scale, bool add) {
   constexpr int kThreads = kQWarps * 32;
   __shared__ alignas(16) bf16_t sK[2][kTile * kStride];
   __shared__ alignas(16) bf16_t sV[2][kTile * kStride];
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kQWarps * 32)
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
 
-  add_rows_bf16(dqkv + int64_t(b) * T * pitch + h * kHd, pitch, wq0, T, dq, scale, g, tg);
+  add_rows_bf16(dqkv + int64_t(b) * T * pitch + h * kHd, pitch, wq0, T, dq, scale, g, tg, add);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ template <int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
     flash_bwd_dkdv_kernel(const bf16_t* __restrict__ qkv, const bf16_t* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ Dg, bf16_t* __restrict__ dqkv,
-                          int T, int C, int H, float scale_log2, float scale) {
+                          int T, int C, int H, float scale_log2, float scale, bool add) {
   constexpr int kThreads = kWarps * 32, kKeys = kWarps * 16;
   __shared__ alignas(16) bf16_t sQ[2][kTile * kStride];
   __shared__ alignas(16) bf16_t sO[2][kTile * kStride];  // dO tiles
@@ -387,8 +387,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 
   bf16_t* dbase = dqkv + int64_t(b) * T * pitch + h * kHd;
-  add_rows_bf16(dbase + C, pitch, wk0, T, dk, scale, g, tg);
-  add_rows_bf16(dbase + 2 * C, pitch, wk0, T, dv, 1.f, g, tg);
+  add_rows_bf16(dbase + C, pitch, wk0, T, dk, scale, g, tg, add);
+  add_rows_bf16(dbase + 2 * C, pitch, wk0, T, dv, 1.f, g, tg, add);
 }
 
 }  // namespace
@@ -400,7 +400,7 @@ bool flash_bwd_supported(const void* qkv, const void* out, const void* dout, con
 }
 
 void flash_bwd_bf16(const void* qkv, const void* out, const float* lse, const void* dout, void* dqkv, int64_t B,
-                    int64_t T, int64_t C, int64_t H, cudaStream_t s) {
+                    int64_t T, int64_t C, int64_t H, bool accumulate, cudaStream_t s) {
   constexpr int kKeys = 16 * kKVWarps;
   const int64_t q_blocks = (T + kQRows - 1) / kQRows, k_blocks = (T + kKeys - 1) / kKeys;
   if (q_blocks > 65535 || B * H > INT32_MAX || T > INT32_MAX / 4 || 3 * C > INT32_MAX)
@@ -412,10 +412,11 @@ void flash_bwd_bf16(const void* qkv, const void* out, const float* lse, const vo
   util::Scratch D(size_t(B * H * T) * sizeof(float));
   flash_bwd_dq_kernel<<<dim3(unsigned(B * H), unsigned(q_blocks)), kQWarps * 32, 0, s>>>(
       q, static_cast<const bf16_t*>(out), static_cast<const bf16_t*>(dout), lse, D.as<float>(), dq, int(T), int(C),
-      int(H), scale_log2, scale);
+      int(H), scale_log2, scale, accumulate);
   CUDA_CHECK_LAUNCH();
   flash_bwd_dkdv_kernel<kKVWarps><<<dim3(unsigned(B * H), unsigned(k_blocks)), kKVWarps * 32, 0, s>>>(
-      q, static_cast<const bf16_t*>(dout), lse, D.as<float>(), dq, int(T), int(C), int(H), scale_log2, scale);
+      q, static_cast<const bf16_t*>(dout), lse, D.as<float>(), dq, int(T), int(C), int(H), scale_log2, scale,
+      accumulate);
   CUDA_CHECK_LAUNCH();
 }
 
