@@ -1,6 +1,6 @@
 // CUDA kernels of kernels/sparse.h. Row/column ownership instead of atomics: a sparse-dense product
-// gives each output element (spmm_acc) or row (lowrank_step) one owner that walks its entries in
-// pattern order; reductions go through per-block partials summed in block order (two launches, or
+// gives each output element (spmm_acc) or row (lowrank_step) one owner that walks its entries in a
+// fixed order; reductions go through per-block partials summed in block order (two launches, or
 // every block of a cooperative launch after a grid barrier).
 #include <cooperative_groups.h>
 #include <cuda/ptx>
@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
