@@ -453,6 +453,45 @@ __device__ void stage_entries_banked(const int32_t* __restrict__ gidx, const T* 
 // Staging the factor a block gathers from (written by other blocks before the last grid barrier) into
 // shared memory: one bulk copy by the tensor memory accelerator (thread 0 issues it; an mbarrier in
 // shared memory counts its bytes), plus plain loads for a tail that is not a multiple of 16 bytes.
+// One warp's row i (row owners: X = A, F = B) or column j (column owners: X = B, F = A) of an iteration:
+// its own row X_i into wX (zero past k), V = X_i·Kp (P_i) or Kp·X_jᵀ (Q_j) into wV, the residuals
+// r_e = V·F_e − y_e over its entries, wG = alpha·Σ_e r_e·F_e (and wG[KK] = Σ_e r_e² for rows), and the
+// update X'_i = X_i − lr_outer·wG·Kpᵀ (rows) or X_j − lr_outer·wG·Kp (columns). Row i of Kp is
+// sKp + i·KK (stride 1), column i is sKp + i (stride KK). The caller bars the warp before wX, wV, wG
+// are written again.
+template <class T, int KK, bool kRow>
+__device__ __forceinline__ void lowrank_own(const T* Xin, T* Xout, int64_t i, int k, const T* sKp, T* wX, T* wV,
+                                            T* wG, const int32_t* idx, const T* vals, int32_t e0, int32_t e1,
+                                            bool stage, const T* sFac, const T* Fglob, T alpha, T lr_outer,
+                                            int lane) {
+  const T* kp_row = sKp + lane * KK;
+  const T* kp_col = sKp + lane;
+  const T x = lane < k ? Xin[i * k + lane] : T(0);
+  if (lane < KK) wX[lane] = x;
+  __syncwarp();
+  if (lane < KK) wV[lane] = kRow ? dot_strided<T, KK>(wX, kp_col, KK) : dot_strided<T, KK>(wX, kp_row, 1);
+  __syncwarp();
+  T v[KK], g[KK];
+  load_row(wV, KK, v);
+#pragma unroll
+  for (int c = 0; c < KK; ++c) g[c] = T(0);
+  T ls = T(0);
+  if (stage) lowrank_entries<T, KK, kRow>(v, g, ls, idx, vals, e0 + lane, e1, sFac, k);
+  else lowrank_entries<T, KK, kRow>(v, g, ls, idx, vals, e0 + lane, e1, Fglob, k);
+  if constexpr (kRow) {
+    T gl[KK + 1];
+#pragma unroll
+    for (int c = 0; c < KK; ++c) gl[c] = g[c];
+    gl[KK] = ls;
+    warp_reduce_to<T, KK + 1>(gl, KK, alpha, wG, lane);  // wG[0..KK) = gP_i, wG[KK] = Σ r²
+  } else {
+    warp_reduce_to<T, KK>(g, KK, alpha, wG, lane);  // wG = alpha·Σ_e r_e·A_i
+  }
+  __syncwarp();
+  if (lane < k)  // lane t of the row (c of the column)
+    Xout[i * k + lane] = x - lr_outer * (kRow ? dot_strided<T, KK>(wG, kp_row, 1) : dot_strided<T, KK>(wG, kp_col, KK));
+}
+
 namespace ptx = ::cuda::ptx;
 
 struct StageBarrier {
@@ -588,30 +627,10 @@ __global__ void __launch_bounds__(kLrThreads, 1)
       T lsum = T(0);
       for (int64_t i = first; i < a.rows; i += stride_own) {
         const bool mine = i == first;
-        const T al = lane < k ? Ain[i * k + lane] : T(0);
-        if (lane < KK) wA[lane] = al;
-        __syncwarp();
-        if (lane < KK) wP[lane] = dot_strided<T, KK>(wA, sKp + lane, KK);  // P_i[c = lane]
-        __syncwarp();
-        T p[KK], g[KK];
-        load_row(wP, KK, p);
-#pragma unroll
-        for (int c = 0; c < KK; ++c) g[c] = T(0);
-        T ls = T(0);
-        const int32_t e0 = mine ? my_e0 : a.row_ptr[i], e1 = mine ? my_e1 : a.row_ptr[i + 1];
-        const int32_t* ix = mine ? my_idx : a.col_idx;
-        const T* vv = mine ? my_vals : g_vals;
-        if (stage) lowrank_entries<T, KK, true>(p, g, ls, ix, vv, e0 + lane, e1, sFac, k);
-        else lowrank_entries<T, KK, true>(p, g, ls, ix, vv, e0 + lane, e1, Bin, k);
-        T v[KK + 1];
-#pragma unroll
-        for (int c = 0; c < KK; ++c) v[c] = g[c];
-        v[KK] = ls;
-        warp_reduce_to<T, KK + 1>(v, KK, alpha, wG, lane);  // wG[0..KK) = gP_i, wG[KK] = Σ r²
-        __syncwarp();
+        lowrank_own<T, KK, true>(Ain, Ao, i, k, sKp, wA, wP, wG, mine ? my_idx : g_idx, mine ? my_vals : g_vals,
+                                 mine ? my_e0 : g_ptr[i], mine ? my_e1 : g_ptr[i + 1], stage, sFac, Bin, alpha,
+                                 lr_outer, lane);
         lsum += wG[KK];
-        // A'[i, t] = A[i, t] − lr_outer · Σ_c gP_i[c]·Kp[t, c]: lane t.
-        if (lane < k) Ao[i * k + lane] = al - lr_outer * dot_strided<T, KK>(wG, sKp + lane * KK, 1);
 #pragma unroll
         for (int q = 0; q < NQ; ++q)
           if (lane + 32 * q < kk) {  // gKp[t, c] += A_i[t]·gP_i[c]
@@ -637,25 +656,9 @@ __global__ void __launch_bounds__(kLrThreads, 1)
       T* Bo = static_cast<T*>(odd ? a.B : a.B_tmp);
       for (int64_t j = first; j < a.cols; j += stride_own) {
         const bool mine = j == first;
-        const T bl = lane < k ? Bin[j * k + lane] : T(0);
-        if (lane < KK) wA[lane] = bl;
-        __syncwarp();
-        if (lane < KK) wP[lane] = dot_strided<T, KK>(wA, sKp + lane * KK, 1);  // Q_j[t = lane]
-        __syncwarp();
-        T q[KK], g[KK];
-        load_row(wP, KK, q);
-#pragma unroll
-        for (int c = 0; c < KK; ++c) g[c] = T(0);
-        T unused = T(0);
-        const int32_t e0 = mine ? my_e0 : a.col_ptr[j], e1 = mine ? my_e1 : a.col_ptr[j + 1];
-        const int32_t* ix = mine ? my_idx : a.csc_row;
-        const T* vv = mine ? my_vals : g_vals;
-        if (stage) lowrank_entries<T, KK, false>(q, g, unused, ix, vv, e0 + lane, e1, sFac, k);
-        else lowrank_entries<T, KK, false>(q, g, unused, ix, vv, e0 + lane, e1, Ain, k);
-        warp_reduce_to<T, KK>(g, KK, alpha, wG, lane);  // wG = alpha·Σ_e r_e·A_i
-        __syncwarp();
-        // B'[j, c] = B[j, c] − lr_outer · Σ_t wG[t]·Kp[t, c]: lane c.
-        if (lane < k) Bo[j * k + lane] = bl - lr_outer * dot_strided<T, KK>(wG, sKp + lane, KK);
+        lowrank_own<T, KK, false>(Bin, Bo, j, k, sKp, wA, wP, wG, mine ? my_idx : g_idx, mine ? my_vals : g_vals,
+                                  mine ? my_e0 : g_ptr[j], mine ? my_e1 : g_ptr[j + 1], stage, sFac, Ain, alpha,
+                                  lr_outer, lane);
         __syncwarp();
       }
     }
