@@ -299,6 +299,19 @@ TEST_CASE("sparse ops and the fused step: CPU vs CUDA (f64, f32)") {
     const double tol = dt == DType::f64 ? 1e-12 : 5e-5;  // f32: up to 7 fused iterations amplify rounding
     std::vector<std::vector<double>> res[2];
     for (Device dev : {Device::cpu, Device::cuda}) {
+      // A fused run's results, in a fixed order; L random inner factors n x n.
+      auto keep = [&](const StepOut& s) {
+        auto& r = res[int(dev)];
+        r.push_back(s.A);
+        r.push_back(s.B);
+        r.push_back(s.loss);
+        for (auto& kl : s.K) r.push_back(kl);
+      };
+      auto inner = [&](int L, int64_t n, uint64_t seed, double scale) {
+        std::vector<Tensor> K;
+        for (int l = 0; l < L; ++l) K.push_back(randn({n, n}, seed + uint64_t(l), dev, dt, scale));
+        return K;
+      };
       SparsePattern p = random_pattern(300, 170, 0.05, 61, dev);
       Tensor P = randn({300, 10}, 62, dev, dt), Q = randn({170, 10}, 63, dev, dt), v = randn({p.nnz}, 64, dev, dt);
       P.set_requires_grad(true);
@@ -325,52 +338,27 @@ TEST_CASE("sparse ops and the fused step: CPU vs CUDA (f64, f32)") {
                         300, 170, P.data(), Q.data(), 10, P.data(), Q.data(), 4, out.data(), stream_for(dev));
       res[int(dev)].push_back(out.to_double());
       for (int64_t k : {6, 10}) {  // 6 runs the k <= 8 instantiation with predicated lanes
-        std::vector<Tensor> K;
-        for (int l2 = 0; l2 < 3; ++l2) K.push_back(randn({k, k}, uint64_t(70 + l2), dev, dt, 0.4));
+        std::vector<Tensor> K = inner(3, k, 70, 0.4);
         Tensor Ak = randn({300, k}, 74, dev, dt, 0.5), Bk = randn({170, k}, 75, dev, dt, 0.5);
         for (int steps : {1, 4, 7}) {  // the grid barrier between iterations, and the final copy of odd counts
           // Step sizes at which 7 iterations descend (at lr_inner = 2 the k = 10 case diverges).
           StepOut s = fused_step(p, v.detach(), Ak, Bk, K, 1e-3, 0.5, 0.125, steps);
           CHECK(std::isfinite(s.loss[0]));
-          res[int(dev)].push_back(s.A);
-          res[int(dev)].push_back(s.B);
-          res[int(dev)].push_back(s.loss);
-          for (auto& kl : s.K) res[int(dev)].push_back(kl);
+          keep(s);
         }
       }
       // Depths 1, 2 and 4 (the prefix/suffix chains and the two-level K update at other lengths).
-      for (int L : {1, 2, 4}) {
-        std::vector<Tensor> K;
-        for (int l2 = 0; l2 < L; ++l2) K.push_back(randn({6, 6}, uint64_t(90 + l2), dev, dt, 0.5));
-        StepOut s = fused_step(p, v.detach(), randn({300, 6}, 94, dev, dt, 0.5), randn({170, 6}, 95, dev, dt, 0.5), K,
-                               1e-3, 0.5, 0.125, 3);
-        res[int(dev)].push_back(s.A);
-        res[int(dev)].push_back(s.B);
-        res[int(dev)].push_back(s.loss);
-        for (auto& kl : s.K) res[int(dev)].push_back(kl);
-      }
+      for (int L : {1, 2, 4})
+        keep(fused_step(p, v.detach(), randn({300, 6}, 94, dev, dt, 0.5), randn({170, 6}, 95, dev, dt, 0.5),
+                        inner(L, 6, 90, 0.5), 1e-3, 0.5, 0.125, 3));
       // Many rows per warp with the factor staged in shared memory (the entries are not kept there).
-      {
-        SparsePattern tall = random_pattern(2600, 40, 0.1, 96, dev);
-        std::vector<Tensor> K;
-        for (int l2 = 0; l2 < 3; ++l2) K.push_back(randn({2, 2}, uint64_t(97 + l2), dev, dt, 0.7));
-        StepOut s = fused_step(tall, randn({tall.nnz}, 100, dev, dt), randn({2600, 2}, 101, dev, dt, 0.5),
-                               randn({40, 2}, 102, dev, dt, 0.5), K, 1e-4, 1.0, 0.5, 4);
-        res[int(dev)].push_back(s.A);
-        res[int(dev)].push_back(s.B);
-        res[int(dev)].push_back(s.loss);
-        for (auto& kl : s.K) res[int(dev)].push_back(kl);
-      }
+      SparsePattern tall = random_pattern(2600, 40, 0.1, 96, dev);
+      keep(fused_step(tall, randn({tall.nnz}, 100, dev, dt), randn({2600, 2}, 101, dev, dt, 0.5),
+                      randn({40, 2}, 102, dev, dt, 0.5), inner(3, 2, 97, 0.7), 1e-4, 1.0, 0.5, 4));
       // A large pattern: several rows per warp (grid-strided), many row blocks' partials.
       SparsePattern big = random_pattern(9000, 700, 0.01, 77, dev);
-      std::vector<Tensor> K;
-      for (int l2 = 0; l2 < 2; ++l2) K.push_back(randn({4, 4}, uint64_t(78 + l2), dev, dt, 0.6));
-      StepOut sb = fused_step(big, randn({big.nnz}, 79, dev, dt), randn({9000, 4}, 80, dev, dt, 0.5),
-                              randn({700, 4}, 81, dev, dt, 0.5), K, 1e-4, 2.0, 0.5, 3);
-      res[int(dev)].push_back(sb.A);
-      res[int(dev)].push_back(sb.B);
-      res[int(dev)].push_back(sb.loss);
-      for (auto& kl : sb.K) res[int(dev)].push_back(kl);
+      keep(fused_step(big, randn({big.nnz}, 79, dev, dt), randn({9000, 4}, 80, dev, dt, 0.5),
+                      randn({700, 4}, 81, dev, dt, 0.5), inner(2, 4, 78, 0.6), 1e-4, 2.0, 0.5, 3));
     }
     for (size_t i = 0; i < res[0].size(); ++i) {
       const double e = rel_err(res[1][i], res[0][i]);
