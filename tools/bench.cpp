@@ -11,10 +11,12 @@
 // - Causal attention: useful FLOPs only. Forward = 2 GEMMs (QKᵀ, PV) of 2·T²·hd each per head, halved
 //   by the causal mask: 2·B·H·T²·hd. Backward = 5 such GEMMs (QKᵀ recomputed, dV, dP, dQ, dK):
 //   5·B·H·T²·hd. % of the large-GEMM peak.
+// - KV-cache decode attention: the bytes of K and V read once (memory-bound), % of the copy bandwidth.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdint>
 #include <exception>
@@ -29,6 +31,7 @@
 #include "runtime/tensor.h"
 
 #ifdef DEEPLORA_HAVE_CUDA
+#include "kernels/attention_cache.h"
 #include "kernels/elementwise.h"
 #include "kernels/matmul.h"
 #include "kernels/nn.h"
@@ -331,6 +334,36 @@ void bench_attention(Bench& b) {
   }, b.peak_tflops(), "peak gemm");
 }
 
+// KV-cache decode attention: one new token per row over a full cache of Tmax = 1024 positions. Bytes:
+// K and V read once (q and out are noise). Calls rotate over enough cache copies (>= 256 MiB in all)
+// that K/V come from HBM, not L2, as in a real decode step where every layer's cache is touched once.
+void bench_decode(Bench& b) {
+  const Options& o = b.opt();
+  const int64_t C = o.C, H = o.H, hd = C / H, Tmax = 1024, Tn = 1;
+  if (hd % 8 != 0 || hd > 256) return;  // the decode kernel's head sizes
+  cudaStream_t s = b.stream();
+  for (int64_t B : {int64_t(1), int64_t(16)}) {
+    const std::string op = fmt::format("attention_cached B={}", B);
+    if (!b.wanted(op)) continue;
+    const double kv = 2.0 * double(B * H * Tmax * hd) * kE;
+    const int64_t copies = std::max<int64_t>(1, int64_t(std::ceil(double(int64_t(256) << 20) / kv)));
+    std::vector<Tensor> caches;
+    for (int64_t i = 0; i < 2 * copies; ++i) caches.push_back(rnd({B, H, Tmax, hd}, 200 + uint64_t(i), kBf));
+    Tensor qkv = rnd({B, Tn, 3 * C}, 199, kBf), out = rnd({B, Tn, C}, 198, kBf);
+    Tensor start = Tensor::from_ints(std::vector<int32_t>(size_t(B), int32_t(Tmax - Tn)), Shape{B}, Device::cuda);
+    int64_t next = 0;
+    b.mem(op, fmt::format("{} H={} Tmax={}", shp({B, Tn, C}), H, Tmax), kv, [&] {
+      const Tensor& kcache = caches[size_t(2 * next)];
+      const Tensor& vcache = caches[size_t(2 * next + 1)];
+      next = (next + 1) % copies;
+      kc::attention_cache_fwd(kBf, qkv.data(), kcache.data(), vcache.data(), start.data_as<int32_t>(), out.data(), B,
+                              Tn, C, H, Tmax, s);
+    });
+    caches.clear();
+    cuda_ctx().allocator.empty_cache();
+  }
+}
+
 // Each GPT-2 linear (PyTorch layout: w [N, K], y = x wᵀ + b) forward and both backward GEMMs, exactly as
 // ops::linear issues them, plus the bias gradient (colsum).
 void bench_linears(Bench& b) {
@@ -428,6 +461,7 @@ void run_bench(const Options& o) {
   b.measure_ceilings();
   bench_activations(b);
   bench_attention(b);
+  bench_decode(b);
   bench_linears(b);
   bench_optimizer(b);
   cuda_sync();
