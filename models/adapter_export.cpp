@@ -138,8 +138,8 @@ void save_adapters(const Adapters& adapters, const AdapterOptions& o, const std:
         for (int i = 1; i <= d->depth(); ++i) tensors.emplace_back(pre + fmt::format("K{}", i), host(d->K(i)));
       }
     }
-    cfg = {{"adapter_type", "deeplora"}, {"format_version", 1},     {"wide", wide},
-           {"rank", wide ? 0 : k},       {"depth", depth},          {"eps", o.eps},
+    cfg = {{"adapter_type", "deeplora"}, {"format_version", 2},     {"wide", wide},
+           {"rank", wide ? 0 : k / 2},   {"width", wide ? 0 : k},   {"depth", depth},          {"eps", o.eps},
            {"init", o.init},             {"adapt", o.adapt},        {"outer_lr_scale", o.outer_lr_scale},
            {"seed", o.seed},             {"layers", layers},        {"base_model_name_or_path", base_model},
            {"delta_weight", wide ? "W_L ... W_1" : "A K_L ... K_1 B^T (no scaling)"}};
@@ -214,7 +214,11 @@ Adapters load_adapters(Gpt& model, const std::string& dir, const AdapterOptions&
       lo.kind = "deeplora";
       lo.wide = cfg.at("wide").get<bool>();
       lo.depth = cfg.at("depth").get<int>();
-      lo.rank = cfg.at("rank").get<int64_t>();
+      // "width" (k = 2r) since format 2 of the options' meaning; format-1 files stored k as "rank".
+      const int64_t width = cfg.contains("width") ? cfg.at("width").get<int64_t>() : cfg.at("rank").get<int64_t>();
+      if (!lo.wide && (width < 2 || width % 2 != 0))
+        mismatch(cfg_path.string(), fmt::format("width {} is not an even number >= 2", width));
+      lo.rank = width / 2;
       lo.eps = cfg.value("eps", lo.eps);
       lo.init = cfg.value("init", lo.init);
       lo.adapt = cfg.value("adapt", lo.adapt);
@@ -228,7 +232,7 @@ Adapters load_adapters(Gpt& model, const std::string& dir, const AdapterOptions&
       };
       for (const std::string& mod : cfg.at("layers").get<std::vector<std::string>>()) {
         Linear& l = layer_of(model, st_path, mod);
-        const int64_t m = l.out_features(), n = l.in_features(), k = lo.rank;
+        const int64_t m = l.out_features(), n = l.in_features(), k = 2 * lo.rank;
         const DType mdt = l.w->master.dtype();
         if (lo.wide) {
           const int64_t d = std::max(m, n);

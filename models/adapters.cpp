@@ -80,14 +80,11 @@ void AdapterOptions::validate() const {
     if (!(alpha > 0) || !std::isfinite(alpha)) bad(fmt::format("--alpha {}: must be positive", alpha));
     return;
   }
-  if (!wide && rank % 2 != 0)
-    bad(fmt::format("--rank {}: deeplora needs an even width k = 2r (r top singular vectors per side); use {} or {}",
-                    rank, rank - 1, rank + 1));
   if (depth < 2) bad(fmt::format("--depth {}: deeplora needs at least 2 factors", depth));
   if (!(eps > 0) || !std::isfinite(eps)) bad(fmt::format("--eps {}: must be positive", eps));
   if (!(outer_lr_scale >= 0) || !std::isfinite(outer_lr_scale))
     bad(fmt::format("--outer-lr-scale {}: must be >= 0 (0 freezes A and B)", outer_lr_scale));
-  if (init != "gradsvd" && init != "random") bad(fmt::format("--init '{}': expected gradsvd or random", init));
+  if (init != "gradsvd" && init != "random") bad(fmt::format("--deeplora-init '{}': expected gradsvd or random", init));
   if (svd_batches < 1) bad(fmt::format("--svd-batches {}: must be at least 1", svd_batches));
 }
 
@@ -95,8 +92,8 @@ std::string AdapterOptions::str() const {
   if (kind == "none") return "adapter: none (full fine-tuning)";
   if (kind == "lora") return fmt::format("adapter: lora r={} alpha={} adapt={}", rank, alpha, adapt);
   if (wide) return fmt::format("adapter: deeplora --wide (uncompressed reference) L={} eps={} adapt={}", depth, eps, adapt);
-  return fmt::format("adapter: deeplora k={} L={} eps={} init={} outer-lr-scale={} adapt={}{}", rank, depth, eps, init,
-                     outer_lr_scale, adapt, init == "gradsvd" ? fmt::format(" svd-batches={}", svd_batches) : "");
+  return fmt::format("adapter: deeplora r={} (width {}) L={} eps={} init={} outer-lr-scale={} adapt={}{}", rank, width(),
+                     depth, eps, init, outer_lr_scale, adapt, init == "gradsvd" ? fmt::format(" svd-batches={}", svd_batches) : "");
 }
 
 std::string AdapterInitReport::str() const {
@@ -352,9 +349,11 @@ Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
   if (!o.wide)
     for (Linear* l : layers) {
       const int64_t m = l->out_features(), n = l->in_features();
-      if (o.rank > std::min(m, n))
-        throw std::invalid_argument(fmt::format("--rank {}: exceeds min(out, in) = {} of layer {} ([{}, {}]); use --rank <= {}",
-                                                o.rank, std::min(m, n), l->name, m, n, std::min(m, n)));
+      const int64_t per = o.width() / o.rank;  // factors of width r (LoRA) or 2r (Deep LoRA)
+      if (o.width() > std::min(m, n))
+        throw std::invalid_argument(fmt::format(
+            "--rank {}: {} factors of width {} exceed min(out, in) = {} of layer {} ([{}, {}]); use --rank <= {}", o.rank,
+            o.kind, o.width(), std::min(m, n), l->name, m, n, std::min(m, n) / per));
     }
   model.freeze_all();
   const Device dev = model.device();
@@ -379,8 +378,8 @@ Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
     for (size_t j = 0; j < layers.size(); ++j) {
       Linear* l = layers[j];
       const DType mdt = l->w->master.dtype();
-      Tensor A = linalg::random_orthonormal(l->out_features(), o.rank, seed_for(o.seed, int64_t(j), kRandA), mdt, dev);
-      Tensor B = linalg::random_orthonormal(l->in_features(), o.rank, seed_for(o.seed, int64_t(j), kRandB), mdt, dev);
+      Tensor A = linalg::random_orthonormal(l->out_features(), o.width(), seed_for(o.seed, int64_t(j), kRandA), mdt, dev);
+      Tensor B = linalg::random_orthonormal(l->in_features(), o.width(), seed_for(o.seed, int64_t(j), kRandB), mdt, dev);
       out.push_back(std::make_shared<DeepLoraAdapter>(l->name, A, B, o.depth, o.eps));
     }
     sync_if_cuda(dev);
@@ -400,8 +399,7 @@ Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
     sync_if_cuda(dev);
     rep.grad_seconds = seconds_since(t0);
     t0 = Clock::now();
-    const int64_t r = o.rank / 2;
-    std::vector<linalg::Svd> svd = linalg::svd_topk_batched(G, r);
+    std::vector<linalg::Svd> svd = linalg::svd_topk_batched(G, o.rank);
     G.clear();
     for (size_t j = 0; j < layers.size(); ++j) {
       Linear* l = layers[j];

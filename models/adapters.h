@@ -19,7 +19,7 @@ namespace deeplora {
 
 struct AdapterOptions {
   std::string kind = "deeplora";  // lora | deeplora | none
-  int64_t rank = 8;               // LoRA r, or the Deep LoRA width k = 2r (must be even)
+  int64_t rank = 8;               // r: LoRA's rank; Deep LoRA's top-r singular vectors, factors of width k = 2r
   int depth = 3;                  // Deep LoRA L >= 2 (number of K_i; of W_i with --wide)
   double eps = 1e-3;              // K_i(0) = eps * I (W_i(0) = eps * orthogonal with --wide)
   double alpha = 16;              // LoRA only: scale alpha / r
@@ -31,6 +31,8 @@ struct AdapterOptions {
   uint64_t seed = 0;
   // Throws std::invalid_argument naming the flag. Model-dependent checks happen in attach_adapters.
   void validate() const;
+  // The factors' inner width: r for LoRA, 2r for compressed Deep LoRA.
+  int64_t width() const { return kind == "deeplora" && !wide ? 2 * rank : rank; }
   std::string str() const;
 };
 

@@ -146,7 +146,7 @@ TEST_CASE("adapters: deeplora gradsvd closed form: ΔW(0) = eps^L A Bᵀ, span(B
   TokBatch batch = random_batch(2, 16, 1);
   std::vector<double> base = logits_of(model, batch);
   AdapterOptions o;
-  o.rank = 8;
+  o.rank = 4;  // r: factors of width 8
   o.depth = 3;
   o.eps = 1e-3;
   o.seed = 11;
@@ -168,7 +168,7 @@ TEST_CASE("adapters: deeplora gradsvd closed form: ΔW(0) = eps^L A Bᵀ, span(B
     REQUIRE(d);
     const int64_t m = d->out_features(), n = d->in_features();
     CAPTURE(d->module());
-    linalg::Svd s = linalg::svd_topk(G[j], o.rank / 2);
+    linalg::Svd s = linalg::svd_topk(G[j], o.rank);
     // span(B) ⊇ V_r and span(A) ⊇ U_r (both hold in either orientation of the closed form).
     CHECK(outside_span(d->B(), s.V) <= 1e-10);
     CHECK(outside_span(d->A(), s.U) <= 1e-10);
@@ -222,7 +222,7 @@ TEST_CASE("adapters: compressed deeplora follows the wide deep adapter under GD;
   for (Regime g : {Regime{0.1, 1.0}, Regime{0.03, 10.0}}) {
     CAPTURE(g.eps);
     AdapterOptions o;
-    o.rank = 16;
+    o.rank = 8;  // width 16
     o.depth = 3;
     o.eps = g.eps;
     o.outer_lr_scale = 0.01;
@@ -326,7 +326,7 @@ TEST_CASE("adapters: trainable counts, frozen base without gradient buffers, opt
   SUBCASE("deeplora") {
     Gpt model(tiny(), DType::f64, Device::cpu, 1);
     AdapterOptions o;
-    o.rank = 8;
+    o.rank = 4;  // width 8
     AdapterInitReport rep;
     Adapters ad = attach_adapters(model, o, fixed(batch), &rep);
     CHECK(rep.n_trainable == 8 * 2048 + 8 * 3 * 64);
@@ -357,7 +357,7 @@ TEST_CASE("adapters: trainable counts, frozen base without gradient buffers, opt
   SUBCASE("deeplora, outer-lr-scale 0 freezes A and B") {
     Gpt model(tiny(), DType::f64, Device::cpu, 1);
     AdapterOptions o;
-    o.rank = 8;
+    o.rank = 4;
     o.outer_lr_scale = 0;
     o.init = "random";
     AdapterInitReport rep;
@@ -441,7 +441,7 @@ TEST_CASE("adapters: bf16 compute casts the f32 masters on the tape; gradients r
   Gpt model(tiny(), DType::bf16, Device::cpu, 1);
   TokBatch batch = random_batch(2, 8, 6);
   AdapterOptions o;
-  o.rank = 8;
+  o.rank = 4;
   Adapters ad = attach_adapters(model, o, fixed(batch));
   for (auto& a : ad)
     for (auto& p : a->params()) CHECK(p.tensor.dtype() == DType::f32);
@@ -480,10 +480,10 @@ TEST_CASE("adapters: bad options and mismatched adapter files give clear errors"
   TokBatch batch = random_batch(1, 8, 1);
   auto err = [&](AdapterOptions o) { return error_of([&] { attach_adapters(model, o, fixed(batch)); }); };
   AdapterOptions o;
-  o.rank = 7;
-  CHECK(err(o).find("--rank 7: deeplora needs an even width") != std::string::npos);
-  o.rank = 66;  // even, > min(m, n) = 64 of every tiny layer
-  CHECK(err(o).find("exceeds min(out, in) = 64 of layer h.0.attn.c_attn") != std::string::npos);
+  o.rank = 0;
+  CHECK(err(o).find("--rank 0: must be at least 1") != std::string::npos);
+  o.rank = 33;  // width 66 > min(m, n) = 64 of every tiny layer
+  CHECK(err(o).find("--rank 33: deeplora factors of width 66 exceed min(out, in) = 64 of layer h.0.attn.c_attn") != std::string::npos);
   o = AdapterOptions{};
   o.kind = "lora";
   o.rank = 65;
@@ -499,7 +499,7 @@ TEST_CASE("adapters: bad options and mismatched adapter files give clear errors"
   CHECK(err(o).find("--adapter 'dora'") != std::string::npos);
   o = AdapterOptions{};
   o.init = "pissa";
-  CHECK(err(o).find("--init 'pissa'") != std::string::npos);
+  CHECK(err(o).find("--deeplora-init 'pissa'") != std::string::npos);
   o = AdapterOptions{};
   o.kind = "lora";
   o.wide = true;
@@ -529,7 +529,7 @@ TEST_CASE("adapters: bad options and mismatched adapter files give clear errors"
   narrow.n_embd = 32;
   Gpt thin(narrow, DType::f64, Device::cpu, 1);
   e = error_of([&] { load_adapters(thin, (d / "dl").string(), AdapterOptions{}); });
-  CHECK(e.find("tensor 'h.0.attn.c_attn.deeplora.A' has shape [192, 8], this model needs [96, 8]") != std::string::npos);
+  CHECK(e.find("tensor 'h.0.attn.c_attn.deeplora.A' has shape [192, 16], this model needs [96, 16]") != std::string::npos);
   for (Linear* l : thin.linears()) CHECK(!l->adapter);  // nothing attached after a failed load
   e = error_of([&] { load_adapters(thin, (d / "nowhere").string(), AdapterOptions{}); });
   CHECK(e.find("nowhere: not a directory") != std::string::npos);
@@ -553,7 +553,7 @@ TEST_CASE("adapters: deeplora save -> load gives identical logits; merged weight
   fs::path d = temp_dir("deeplora-export");
   TokBatch batch = random_batch(2, 16, 8);
   AdapterOptions o;
-  o.rank = 8;
+  o.rank = 4;  // width 8
   o.seed = 5;
   Gpt model(tiny(), DType::f64, Device::cpu, 4);
   std::vector<double> base = logits_of(model, batch);
@@ -573,7 +573,8 @@ TEST_CASE("adapters: deeplora save -> load gives identical logits; merged weight
   save_adapters(ad, o, (d / "dl").string(), "tiny-test");
   nlohmann::json cfg = nlohmann::json::parse(std::ifstream(d / "dl" / "adapter_config.json"));
   CHECK(cfg["adapter_type"] == "deeplora");
-  CHECK(cfg["rank"] == 8);
+  CHECK(cfg["rank"] == 4);
+  CHECK(cfg["width"] == 8);
   CHECK(cfg["depth"] == 3);
   CHECK(cfg["layers"].size() == 8);
   SafetensorsHeader h = read_safetensors_header((d / "dl" / "adapter_model.safetensors").string());
@@ -587,7 +588,21 @@ TEST_CASE("adapters: deeplora save -> load gives identical logits; merged weight
   AdapterOptions loaded;
   Adapters back = load_adapters(fresh, (d / "dl").string(), AdapterOptions{}, &loaded);
   CHECK(loaded.kind == "deeplora");
-  CHECK(loaded.rank == 8);
+  CHECK(loaded.rank == 4);
+  {  // format 1 (before --rank meant r for Deep LoRA too) stored the width as "rank"
+    nlohmann::json old = cfg;
+    old.erase("width");
+    old["rank"] = 8;
+    old["format_version"] = 1;
+    fs::create_directories(d / "dl1");
+    fs::copy_file(d / "dl" / "adapter_model.safetensors", d / "dl1" / "adapter_model.safetensors");
+    std::ofstream(d / "dl1" / "adapter_config.json") << old.dump();
+    Gpt f1(tiny(), DType::f64, Device::cpu, 4);
+    AdapterOptions l1;
+    load_adapters(f1, (d / "dl1").string(), AdapterOptions{}, &l1);
+    CHECK(l1.rank == 4);
+    CHECK(logits_of(f1, batch) == adapted);
+  }
   CHECK(back.size() == 8);
   CHECK(logits_of(fresh, batch) == adapted);
   CHECK(n_adapter_params(back) == n_adapter_params(ad));
