@@ -13,6 +13,7 @@
 
 #include "runtime/io/atomic_file.h"
 #include "runtime/ops.h"
+#include "runtime/ops_cache.h"
 #include "runtime/tape.h"
 
 namespace deeplora {
@@ -270,59 +271,82 @@ Tensor Gpt::forward(const Tensor& tokens) {
 }
 
 Tensor Gpt::forward_padded(const Tensor& tokens) {
-  check(tokens.dtype() == DType::i32 && tokens.ndim() == 2, "Gpt::forward",
-        fmt::format("tokens must be i32 [B, T], got {}", tokens.desc()));
-  check(tokens.dim(1) <= cfg_.n_positions, "Gpt::forward",
-        fmt::format("sequence length {} exceeds n_positions {}", tokens.dim(1), cfg_.n_positions));
-  const double eps = cfg_.layer_norm_epsilon;
   Tensor wte = work(wte_);  // used twice (embedding and tied lm_head): one cast per step
-  Tensor x = ops::embedding(tokens, wte, work(wpe_), cfg_.vocab_size);
-  for (auto& b : blocks_) {
+  return ops::linear(hidden_with(tokens, wte), wte);
+}
+
+Tensor Gpt::blocks(Tensor x, const std::function<Tensor(size_t, const Tensor&)>& attn) {
+  const double eps = cfg_.layer_norm_epsilon;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block& b = blocks_[i];
     Tensor h = ops::layernorm(x, work(b.ln1_w), work(b.ln1_b), eps);
-    Tensor a = ops::attention(apply_linear(b.c_attn, h), cfg_.n_head);
+    Tensor a = attn(i, apply_linear(b.c_attn, h));
     x = apply_linear(b.c_proj, a, x);
     h = ops::layernorm(x, work(b.ln2_w), work(b.ln2_b), eps);
     Tensor m = ops::gelu(apply_linear(b.c_fc, h));
     x = apply_linear(b.mlp_proj, m, x);
   }
-  x = ops::layernorm(x, work(lnf_w_), work(lnf_b_), eps);
-  return ops::linear(x, wte);
+  return ops::layernorm(x, work(lnf_w_), work(lnf_b_), eps);
+}
+
+Tensor Gpt::hidden(const Tensor& tokens) { return hidden_with(tokens, work(wte_)); }
+
+Tensor Gpt::hidden_with(const Tensor& tokens, const Tensor& wte) {
+  check(tokens.dtype() == DType::i32 && tokens.ndim() == 2, "Gpt::forward",
+        fmt::format("tokens must be i32 [B, T], got {}", tokens.desc()));
+  check(tokens.dim(1) <= cfg_.n_positions, "Gpt::forward",
+        fmt::format("sequence length {} exceeds n_positions {}", tokens.dim(1), cfg_.n_positions));
+  Tensor x = ops::embedding(tokens, wte, work(wpe_), cfg_.vocab_size);
+  const int64_t H = cfg_.n_head;
+  return blocks(x, [H](size_t, const Tensor& qkv) { return ops::attention(qkv, H); });
+}
+
+Tensor Gpt::lm_head(const Tensor& h) { return ops::linear(h, work(wte_)); }
+
+KvCache Gpt::make_cache(int64_t B, int64_t T_max) const {
+  check(B > 0 && T_max > 0 && T_max <= cfg_.n_positions, "Gpt::make_cache",
+        fmt::format("batch {} and length {} must be positive, the length at most n_positions {}", B, T_max,
+                    cfg_.n_positions));
+  KvCache c;
+  c.B = B;
+  c.T_max = T_max;
+  const int64_t H = cfg_.n_head, hd = cfg_.n_embd / H;
+  for (int64_t l = 0; l < cfg_.n_layer; ++l) {
+    c.k.push_back(Tensor::empty(Shape{B, H, T_max, hd}, compute_, dev_));
+    c.v.push_back(Tensor::empty(Shape{B, H, T_max, hd}, compute_, dev_));
+  }
+  return c;
+}
+
+Tensor Gpt::hidden_cached(const Tensor& tokens, const Tensor& positions, const Tensor& start, KvCache& cache,
+                          bool prefill) {
+  check(!grad_enabled(), "Gpt::hidden_cached", "inference only: call it under NoGrad");
+  check(tokens.dtype() == DType::i32 && tokens.ndim() == 2 && positions.shape() == tokens.shape(),
+        "Gpt::hidden_cached",
+        fmt::format("tokens {} and positions {} must be i32 [B, Tn] alike", tokens.desc(), positions.desc()));
+  check(tokens.dim(0) == cache.B && int64_t(cache.k.size()) == cfg_.n_layer, "Gpt::hidden_cached",
+        fmt::format("tokens {} do not match the cache (batch {}, {} layers)", tokens.desc(), cache.B, cache.k.size()));
+  Tensor x = ops::add(ops::embedding(tokens, work(wte_), Tensor(), cfg_.vocab_size),
+                      ops::embedding(positions, work(wpe_), Tensor(), cache.T_max));
+  const int64_t H = cfg_.n_head;
+  return blocks(x, [&](size_t l, const Tensor& qkv) {
+    ops::attention_cache_write(qkv, cache.k[l], cache.v[l], start, H);
+    return prefill ? ops::attention(qkv, H) : ops::attention_cached(qkv, cache.k[l], cache.v[l], start, H);
+  });
+}
+
+Tensor Gpt::loss_at(const Tensor& tokens, const Tensor& rows, const Tensor& targets) {
+  check(rows.dtype() == DType::i32 && rows.ndim() == 1 && targets.shape() == rows.shape(), "Gpt::loss_at",
+        fmt::format("rows {} and targets {} must be i32 [N] alike", rows.desc(), targets.desc()));
+  const int64_t B = tokens.dim(0), T = tokens.dim(1), N = rows.dim(0);
+  Tensor wte = work(wte_);
+  Tensor h = hidden_with(tokens, wte);
+  Tensor picked = ops::embedding(rows.reshape(Shape{1, N}), ops::reshape(h, Shape{B * T, cfg_.n_embd}));
+  return ops::cross_entropy(ops::linear(picked, wte), targets.reshape(Shape{1, N}), -100, cfg_.vocab_size);
 }
 
 Tensor Gpt::loss(const Tensor& tokens, const Tensor& targets) {
   return ops::cross_entropy(forward_padded(tokens), targets, -100, cfg_.vocab_size);
-}
-
-std::vector<int32_t> Gpt::generate(const std::vector<int32_t>& prompt, int64_t n_new, int top_k, uint64_t seed) {
-  NoGrad ng;
-  std::vector<int32_t> seq = prompt;
-  if (seq.empty()) seq.push_back(50256 % int32_t(cfg_.vocab_size));
-  std::mt19937_64 rng(seed);
-  for (int64_t i = 0; i < n_new; ++i) {
-    const int64_t start = std::max<int64_t>(0, int64_t(seq.size()) - cfg_.n_positions);
-    std::vector<int32_t> window(seq.begin() + start, seq.end());
-    Tensor tok = Tensor::from_ints(window, Shape{1, int64_t(window.size())}, dev_);
-    Tensor logits = forward_padded(tok);
-    const int64_t V = cfg_.vocab_size, Vp = cfg_.padded_vocab();
-    Tensor last = logits.reshape(Shape{int64_t(window.size()), Vp}).slice0(int64_t(window.size()) - 1, int64_t(window.size()));
-    std::vector<double> l = last.to_double();
-    l.resize(size_t(V));
-    int32_t next = 0;
-    if (top_k <= 1) {
-      next = int32_t(std::max_element(l.begin(), l.end()) - l.begin());
-    } else {
-      std::vector<int32_t> idx(static_cast<size_t>(V));
-      for (int64_t v = 0; v < V; ++v) idx[size_t(v)] = int32_t(v);
-      const int k = int(std::min<int64_t>(top_k, V));
-      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) { return l[a] > l[b]; });
-      std::vector<double> w(static_cast<size_t>(k));
-      for (int j = 0; j < k; ++j) w[size_t(j)] = std::exp(l[size_t(idx[size_t(j)])] - l[size_t(idx[0])]);
-      std::discrete_distribution<int> pick(w.begin(), w.end());
-      next = idx[size_t(pick(rng))];
-    }
-    seq.push_back(next);
-  }
-  return std::vector<int32_t>(seq.begin() + int64_t(prompt.size()), seq.end());
 }
 
 }  // namespace deeplora

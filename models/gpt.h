@@ -35,6 +35,14 @@ class LinearAdapter {
   virtual Tensor forward(const Tensor& x, const Tensor& y) = 0;
 };
 
+// Keys and values of every layer for incremental decoding: k[l], v[l] are [B, H, T_max, hd] in the
+// compute dtype. Row b's positions 0..len-1 hold its tokens so far; positions past them may hold
+// anything (a decode step writes position p before it attends over 0..p).
+struct KvCache {
+  std::vector<Tensor> k, v;
+  int64_t B = 0, T_max = 0;
+};
+
 struct Param {
   Tensor master;  // f32 (f64 for f64 models); requires_grad when trainable
   Tensor frozen_work;  // cached compute-dtype copy of a frozen master (filled on demand)
@@ -65,12 +73,25 @@ class Gpt {
   Tensor forward(const Tensor& tokens);
   // The same over the padded vocabulary: [B, T, padded_vocab()] (what training uses).
   Tensor forward_padded(const Tensor& tokens);
+  // The final hidden states (after ln_f) [B, T, C], and the padded logits of any hidden rows
+  // [..., C] -> [..., padded_vocab()]: forward_padded(t) == lm_head(hidden(t)). Scoring code gathers
+  // the few rows it needs between the two (the lm_head GEMM is most of a small model's forward).
+  Tensor hidden(const Tensor& tokens);
+  Tensor lm_head(const Tensor& h);
+  // Incremental forward over a KV cache (inference only, under NoGrad): tokens [B, Tn] at positions
+  // `positions` [B, Tn] (i32, on the model's device; row b's tokens at start[b] .. start[b]+Tn-1,
+  // start [B] i32 on the device). Writes their keys/values into the cache and returns the hidden
+  // states [B, Tn, C] (after ln_f). prefill: every row starts at 0, so the new tokens attend among
+  // themselves (the flash kernel) while their keys/values still go to the cache.
+  KvCache make_cache(int64_t B, int64_t T_max) const;
+  Tensor hidden_cached(const Tensor& tokens, const Tensor& positions, const Tensor& start, KvCache& cache,
+                       bool prefill = false);
+  // The same mean loss from selected positions only: rows [N] i32 flat indices into [B*T] with their
+  // targets [N] (-100: ignored). Only those rows reach the lm_head (prompt/completion fine-tuning
+  // scores a few positions per row); equals loss() when every other target is ignored.
+  Tensor loss_at(const Tensor& tokens, const Tensor& rows, const Tensor& targets);
   // Mean cross-entropy of next-token targets [B, T] (i32, -100 = ignore), f32 (f64 for f64 models).
   Tensor loss(const Tensor& tokens, const Tensor& targets);
-  // Greedy (top_k <= 1) or top-k sampling of n_new tokens after prompt (no KV cache: recomputes the
-  // window, fine for the short samples printed at eval time).
-  std::vector<int32_t> generate(const std::vector<int32_t>& prompt, int64_t n_new, int top_k, uint64_t seed);
-
   // All parameters in HF order with HF names ("wte.weight", "h.0.ln_1.weight", ...).
   std::vector<std::pair<std::string, Param*>> named_params();
   Param& param(const std::string& name);  // throws naming the parameter
@@ -92,6 +113,9 @@ class Gpt {
     Linear c_attn, c_proj, c_fc, mlp_proj;
   };
   Tensor work(Param& p);  // the compute-dtype tensor of p for this forward
+  // The blocks and ln_f over embedded x [B, T, C]; attn(layer, qkv) is the attention of one block.
+  Tensor hidden_with(const Tensor& tokens, const Tensor& wte);
+  Tensor blocks(Tensor x, const std::function<Tensor(size_t, const Tensor&)>& attn);
   // l(x) (+ its adapter's branch) + residual: the residual enters in the base GEMM's epilogue.
   Tensor apply_linear(Linear& l, const Tensor& x, const Tensor& residual = Tensor());
 

@@ -13,6 +13,14 @@
 
 namespace deeplora {
 
+std::string GpuMemory::str() const {
+  if (!valid) return "no GPU in use";
+  const double g = double(1 << 30);
+  return fmt::format("peak {:.2f} GiB (allocator), {:.2f} GiB reserved, {:.2f} / {:.1f} GiB used on the device",
+                     double(allocator_peak) / g, double(allocator_reserved) / g, double(device_used) / g,
+                     double(device_total) / g);
+}
+
 void* cpu_alloc(size_t bytes) {
   void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
   if (!p) throw std::bad_alloc();
@@ -42,6 +50,7 @@ const char* cusolver_status_string(cusolverStatus_t s) {
 }
 
 static std::string g_unavailable;
+static bool g_ctx_created = false;
 static int g_selected_device = 0;
 
 static bool probe_cuda() {
@@ -83,6 +92,7 @@ static DeviceContext* create_ctx() {
   CUSOLVER_CHECK(cusolverDnCreate(&c->cusolver));
   CUSOLVER_CHECK(cusolverDnSetStream(c->cusolver, c->stream));
   CUDA_CHECK(cudaDeviceGetAttribute(&c->sm_count, cudaDevAttrMultiProcessorCount, c->device));
+  g_ctx_created = true;
   return c;
 }
 
@@ -169,6 +179,32 @@ void CudaAllocator::end_private_pool() {
   }
 }
 
+void CudaAllocator::reset_peak() {
+  std::lock_guard<std::mutex> lk(mu_);
+  st_.peak = st_.in_use;
+}
+
+GpuMemory gpu_memory() {
+  GpuMemory m;
+  if (!g_ctx_created) return m;
+  AllocatorStats st = cuda_ctx().allocator.stats();
+  m.allocator_peak = st.peak;
+  m.allocator_reserved = st.reserved;
+  size_t free_b = 0, total = 0;
+  if (cudaMemGetInfo(&free_b, &total) == cudaSuccess) {
+    m.device_used = total - free_b;
+    m.device_total = total;
+  } else {
+    cudaGetLastError();
+  }
+  m.valid = true;
+  return m;
+}
+
+void reset_gpu_peak() {
+  if (g_ctx_created) cuda_ctx().allocator.reset_peak();
+}
+
 void CudaAllocator::empty_cache() {
   std::lock_guard<std::mutex> lk(mu_);
   for (auto& [s, p] : free_) cudaFree(p);
@@ -226,6 +262,9 @@ void CudaAllocator::deallocate(void*) {}
 void CudaAllocator::begin_private_pool() {}
 void CudaAllocator::end_private_pool() {}
 void CudaAllocator::empty_cache() {}
+void CudaAllocator::reset_peak() {}
+GpuMemory gpu_memory() { return {}; }
+void reset_gpu_peak() {}
 AllocatorStats CudaAllocator::stats() const { return st_; }
 CudaAllocator::~CudaAllocator() = default;
 SideStream::SideStream(bool on_gpu) {

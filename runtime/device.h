@@ -43,6 +43,7 @@ class CudaAllocator {
   // ends: a captured CUDA graph keeps its addresses valid across replays.
   void begin_private_pool();
   void end_private_pool();
+  void reset_peak();
 
  private:
   static size_t round(size_t bytes);
@@ -87,6 +88,18 @@ class SideStream {
   void* fork_event_ = nullptr;  // cudaEvent_t
   void* join_event_ = nullptr;
 };
+
+// GPU memory for run summaries: the caching allocator's high-water mark and reservation, and the
+// device's use as cudaMemGetInfo reports it (other processes and the CUDA context included). All zero
+// when no CUDA context exists (CPU runs).
+struct GpuMemory {
+  size_t allocator_peak = 0, allocator_reserved = 0, device_used = 0, device_total = 0;
+  bool valid = false;
+  std::string str() const;  // "peak 1.23 GiB (allocator), 2.00 GiB reserved, 3.10 / 139.8 GiB on the device"
+};
+GpuMemory gpu_memory();
+// Starts the allocator's high-water mark afresh (at the current use).
+void reset_gpu_peak();
 
 // The process's context, created on first use on `select_device` (default 0). Throws if no GPU.
 DeviceContext& cuda_ctx();

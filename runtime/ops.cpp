@@ -10,6 +10,7 @@
 #include "kernels/elementwise.h"
 #include "kernels/matmul.h"
 #include "kernels/nn.h"
+#include "runtime/graph.h"
 
 namespace deeplora::ops {
 namespace {
@@ -363,7 +364,10 @@ Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) 
   return y;
 }
 
+// Counting bad ids synchronizes with the host, which a CUDA graph capture cannot do: a captured step
+// relies on ids validated where they were made (data loading, argmax over the real vocabulary).
 static void check_ids(const char* op, const Tensor& ids, int64_t V, int64_t ignore) {
+  if (StepGraph::capturing()) return;
   Device d = ids.device();
   int64_t bad = DL_K(d, count_out_of_range, ids.data_as<int32_t>(), ids.numel(), V, ignore, stream_for(d));
   if (bad > 0) {
@@ -427,17 +431,36 @@ Tensor attention(const Tensor& qkv, int64_t n_head) {
   return out;
 }
 
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index, int64_t n_classes) {
-  defined("cross_entropy", {&logits, &targets});
-  same_device("cross_entropy", {&logits, &targets});
-  same_float_dtype("cross_entropy", {&logits});
-  check(targets.dtype() == DType::i32, "cross_entropy", fmt::format("targets must be i32, got {}", targets.desc()));
+// The checks cross_entropy and token_nll share; returns the number of classes.
+static int64_t check_loss_inputs(const char* op, const Tensor& logits, const Tensor& targets, int32_t ignore_index,
+                                 int64_t n_classes) {
+  defined(op, {&logits, &targets});
+  same_device(op, {&logits, &targets});
+  same_float_dtype(op, {&logits});
+  check(targets.dtype() == DType::i32, op, fmt::format("targets must be i32, got {}", targets.desc()));
   const int64_t stride = logits.dim(-1), R = rows_of(logits);
   const int64_t V = n_classes > 0 ? n_classes : stride;
-  check(V <= stride, "cross_entropy", fmt::format("n_classes {} exceeds the last dim of {}", V, logits.desc()));
-  check(targets.numel() == R, "cross_entropy",
+  check(V <= stride, op, fmt::format("n_classes {} exceeds the last dim of {}", V, logits.desc()));
+  check(targets.numel() == R, op,
         fmt::format("targets {} do not match logits {} ({} rows)", targets.desc(), logits.desc(), R));
-  check_ids("cross_entropy", targets, V, ignore_index);
+  check_ids(op, targets, V, ignore_index);
+  return V;
+}
+
+Tensor token_nll(const Tensor& logits, const Tensor& targets, int32_t ignore_index, int64_t n_classes) {
+  const int64_t V = check_loss_inputs("token_nll", logits, targets, ignore_index, n_classes);
+  const int64_t stride = logits.dim(-1), R = rows_of(logits);
+  Device d = logits.device();
+  DType st = stat_dtype(logits.dtype());
+  Tensor lse = Tensor::empty(Shape{R}, st, d), rl = Tensor::empty(Shape{R}, st, d);
+  DL_K(d, cross_entropy_fwd, logits.dtype(), logits.data(), targets.data_as<int32_t>(), lse.data(), rl.data(), R, V,
+       stride, ignore_index, stream_for(d));
+  return rl;
+}
+
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index, int64_t n_classes) {
+  const int64_t V = check_loss_inputs("cross_entropy", logits, targets, ignore_index, n_classes);
+  const int64_t stride = logits.dim(-1), R = rows_of(logits);
   Device d = logits.device();
   DType st = stat_dtype(logits.dtype());
   Tensor lse = Tensor::empty(Shape{R}, st, d), rl = Tensor::empty(Shape{R}, st, d);

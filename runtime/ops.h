@@ -37,4 +37,8 @@ Tensor attention(const Tensor& qkv, int64_t n_head);
 // element in f32 (f64 for f64 logits).
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index = -100, int64_t n_classes = 0);
 
+// Per-row negative log-likelihood lse(logits[r, :n_classes]) - logits[r, targets[r]] (0 where the
+// target is ignore_index), [rows] in f32 (f64 for f64 logits). Inference only: records nothing.
+Tensor token_nll(const Tensor& logits, const Tensor& targets, int32_t ignore_index = -100, int64_t n_classes = 0);
+
 }  // namespace deeplora::ops

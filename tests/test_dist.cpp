@@ -39,25 +39,8 @@ std::string find_in_path(const std::string& exe) {
   return "";
 }
 
-struct Run {
-  int status = -1;  // exit status (128 + signal if killed)
-  std::string output;  // stdout and stderr
-  double seconds = 0;
-};
-
-Run run_command(const std::string& cmd) {
-  Run r;
-  const auto t0 = std::chrono::steady_clock::now();
-  FILE* f = popen((cmd + " 2>&1").c_str(), "r");
-  REQUIRE(f != nullptr);
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, f)) > 0) r.output.append(buf, n);
-  const int st = pclose(f);
-  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : WIFSIGNALED(st) ? 128 + WTERMSIG(st) : -1;
-  return r;
-}
+using test::Run;
+using test::run_command;
 
 // The last line of the output that parses as a JSON object (rank 0's result).
 nlohmann::json result_of(const Run& r) {
@@ -300,7 +283,7 @@ TEST_CASE("dist: mpirun -np 2 on two GPUs (NCCL, bf16) trains like 1 GPU at the 
   fs::path d = test::fresh_dir("dist-nccl");
   const std::string shard = test::random_shard(d, 200000, 17);
   const std::string common = fmt::format(
-      "--data {} --init small-cpu --seq-len 64 --steps 20 --eval-every 10 --device cuda --dtype bf16", shard);
+      "--data {} --preset small-cpu --seq-len 64 --steps 20 --eval-every 10 --device cuda --dtype bf16", shard);
   Run one = run_command(fmt::format("{} {} --batch 8 --out {}", l.dist_check, common, (d / "one").string()));
   INFO("1 GPU:\n" << one.output);
   REQUIRE(one.status == 0);

@@ -30,7 +30,7 @@ using test::error_of;
 
 TrainOptions tiny_opts(const fs::path& dir, const std::string& shard) {
   TrainOptions o;
-  o.init = "tiny";
+  o.preset = "tiny";
   o.data = {shard};
   o.val_fraction = 0.1;
   o.vocab_dir = "";

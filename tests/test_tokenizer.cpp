@@ -23,33 +23,8 @@ namespace fs = std::filesystem;
 namespace {
 
 
-// GPT-2's byte-to-unicode spelling of one byte, as UTF-8.
-std::string byte_token(int b) {
-  bool direct = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
-  int cp = b;
-  if (!direct) {
-    int n = 0;
-    for (int x = 0; x < b; ++x)
-      if (!((x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || (x >= 0xAE && x <= 0xFF))) ++n;
-    cp = 256 + n;
-  }
-  std::string s;
-  if (cp < 0x80) s += char(cp);
-  else {
-    s += char(0xC0 | (cp >> 6));
-    s += char(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
-
-std::string json_escape(const std::string& s) {
-  std::string o;
-  for (char c : s) {
-    if (c == '"' || c == '\\') o += '\\';
-    o += c;
-  }
-  return o;
-}
+using test::byte_token;
+using test::json_escape;
 
 // Byte tokens get id = byte value; merged tokens follow in merge order; <|endoftext|> last.
 struct MiniVocab {

@@ -3,7 +3,11 @@
 #pragma once
 #include <fmt/format.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
 
 #include <algorithm>
 #include <cmath>
@@ -98,6 +102,67 @@ inline std::string random_shard(const std::filesystem::path& dir, int64_t n, uin
   std::string p = (dir / "train.bin").string();
   write_token_shard(p, std::span<const uint16_t>(t));
   return p;
+}
+
+// GPT-2's byte-to-unicode spelling of one byte, as UTF-8.
+inline std::string byte_token(int b) {
+  bool direct = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+  int cp = b;
+  if (!direct) {
+    int n = 0;
+    for (int x = 0; x < b; ++x)
+      if (!((x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || (x >= 0xAE && x <= 0xFF))) ++n;
+    cp = 256 + n;
+  }
+  std::string s;
+  if (cp < 0x80) s += char(cp);
+  else {
+    s += char(0xC0 | (cp >> 6));
+    s += char(0x80 | (cp & 0x3F));
+  }
+  return s;
+}
+
+inline std::string json_escape(const std::string& s) {
+  std::string o;
+  for (char c : s) {
+    if (c == '"' || c == '\\') o += '\\';
+    o += c;
+  }
+  return o;
+}
+
+// A byte-level vocabulary in dir (vocab.json + merges.txt): token id = byte value, <|endoftext|> =
+// 256, no merges. The smallest tokenizer a tiny test model (vocab 512) can read text with.
+inline std::string write_byte_vocab(const std::filesystem::path& dir) {
+  std::filesystem::create_directories(dir);
+  std::string v = "{";
+  for (int b = 0; b < 256; ++b) v += fmt::format("\"{}\": {}, ", json_escape(byte_token(b)), b);
+  v += "\"<|endoftext|>\": 256}";
+  std::ofstream(dir / "vocab.json", std::ios::binary) << v;
+  std::ofstream(dir / "merges.txt", std::ios::binary) << "#version: 0.2\n";
+  return dir.string();
+}
+
+struct Run {
+  int status = -1;  // exit status (128 + signal if killed)
+  std::string output;  // stdout and stderr
+  double seconds = 0;
+};
+
+// Runs a shell command, collecting its stdout and stderr.
+inline Run run_command(const std::string& cmd) {
+  Run r;
+  const auto t0 = std::chrono::steady_clock::now();
+  FILE* f = popen((cmd + " 2>&1").c_str(), "r");
+  if (!f) throw std::runtime_error("popen failed: " + cmd);
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, f)) > 0) r.output.append(buf, n);
+  const int st = pclose(f);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : WIFSIGNALED(st) ? 128 + WTERMSIG(st) : -1;
+  return r;
 }
 
 }  // namespace deeplora::test

@@ -121,7 +121,7 @@ open('$TMP/gpt2.bin','wb').write(h.tobytes()+t.tobytes())"
   for mode in ${TRAIN_MODES:-full lora deeplora}; do
     extra=""
     [[ $mode != full ]] && extra="--adapter $mode --rank 8"
-    ./build/train --init gpt2 --data $TMP/gpt2.bin --vocab-dir none --batch 32 --seq-len 1024 --steps 12 \
+    ./build/train --preset gpt2 --data $TMP/gpt2.bin --vocab-dir none --batch 32 --seq-len 1024 --steps 12 \
       --val-fraction 0 --dtype bf16 --device cuda --out $TMP/train_$mode --log-every 1 $extra > "$OUT/logs/train_$mode.log" 2>&1
     result[train_$mode]=$(grep "^done" "$OUT/logs/train_$mode.log" | sed 's/.*, \([0-9.]*K tok\/s\).*/\1/')
     [[ $mode == deeplora ]] && result[train_deeplora_init]=$(grep -iE "svd" "$OUT/logs/train_$mode.log" | head -1 | cut -c1-150)
@@ -142,7 +142,7 @@ open('$TMP/gpt2.bin','wb').write(h.tobytes()+t.tobytes())"
   for mode in ${TRAIN_MODES:-full lora deeplora}; do
     extra=""
     [[ $mode != full ]] && extra="--adapter $mode --rank 8"
-    args="--init gpt2 --data $TMP/gpt2.bin --vocab-dir none --batch 32 --seq-len 1024 --steps 12 --val-fraction 0 --dtype bf16 --device cuda --log-every 4 $extra"
+    args="--preset gpt2 --data $TMP/gpt2.bin --vocab-dir none --batch 32 --seq-len 1024 --steps 12 --val-fraction 0 --dtype bf16 --device cuda --log-every 4 $extra"
     ./build/train $args --out $TMP/dp1_$mode > "$OUT/logs/dp1_$mode.log" 2>&1
     mpirun -np 2 --bind-to none --allow-run-as-root -x NCCL_NVLS_ENABLE=0 ./build/train $args --out $TMP/dp2_$mode > "$OUT/logs/dp2_$mode.log" 2>&1
     a=$(grep "^done" "$OUT/logs/dp1_$mode.log" | sed 's/.*, \([0-9.]*\)K tok\/s.*/\1/'); b=$(grep "^done" "$OUT/logs/dp2_$mode.log" | sed 's/.*, \([0-9.]*\)K tok\/s.*/\1/')

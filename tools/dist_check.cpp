@@ -14,7 +14,7 @@
 
 int main(int argc, char** argv) {
   deeplora::TrainOptions o;
-  o.init = "tiny";
+  o.preset = "tiny";
   o.vocab_dir = "";
   o.batch = 4;
   o.seq_len = 16;
@@ -33,8 +33,8 @@ int main(int argc, char** argv) {
   bool verbose = false, fail_kill = false;
   CLI::App app{"deeplora dist_check: tiny data-parallel training; rank 0 prints the losses as JSON"};
   app.add_option("--data", o.data, "llm.c shards (*.bin) or text")->required();
-  app.add_option("--init", o.init, "model preset")->capture_default_str();
-  app.add_option("--model", o.model_dir, "HF model directory instead of --init");
+  app.add_option("--preset", o.preset, "model preset")->capture_default_str();
+  app.add_option("--model", o.model_dir, "HF model directory instead of --preset");
   app.add_option("--batch", o.batch, "sequences per micro-batch per rank")->capture_default_str();
   app.add_option("--seq-len", o.seq_len, "tokens per sequence")->capture_default_str();
   app.add_option("--grad-accum", o.grad_accum, "micro-batches per step")->capture_default_str();

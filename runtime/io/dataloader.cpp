@@ -47,6 +47,7 @@ std::vector<Example> load_jsonl_examples(const std::string& path, const Tokenize
       throw std::runtime_error(fmt::format("{}:{}: expected an object with string fields \"prompt\" and \"completion\"",
                                            path, lineno));
     Example ex;
+    ex.line = lineno;
     tok.encode_append(sanitize_utf8(j["prompt"].get<std::string>()), ex.tokens);
     ex.n_prompt = int64_t(ex.tokens.size());
     tok.encode_append(sanitize_utf8(j["completion"].get<std::string>()), ex.tokens);
@@ -55,6 +56,24 @@ std::vector<Example> load_jsonl_examples(const std::string& path, const Tokenize
   }
   if (out.empty()) throw std::runtime_error(fmt::format("{}: no examples", path));
   return out;
+}
+
+int64_t fit_examples(std::vector<Example>& examples, int64_t T, const std::string& what) {
+  int64_t n_cut = 0;
+  for (Example& ex : examples) {
+    const int64_t n = int64_t(ex.tokens.size()), completion = n - ex.n_prompt;
+    if (completion > T)
+      throw std::runtime_error(fmt::format("{}:{}: the completion has {} tokens; at most the sequence length {} fit "
+                                           "(raise --seq-len or shorten it)",
+                                           what, ex.line, completion, T));
+    if (n > T + 1) {
+      const int64_t cut = n - (T + 1);
+      ex.tokens.erase(ex.tokens.begin(), ex.tokens.begin() + cut);
+      ex.n_prompt -= cut;
+      ++n_cut;
+    }
+  }
+  return n_cut;
 }
 
 std::vector<int32_t> load_token_stream(const std::vector<std::string>& paths, const Tokenizer* tok) {
@@ -103,6 +122,11 @@ DataLoader DataLoader::from_tokens(std::vector<int32_t> tokens, int64_t B, int64
 DataLoader DataLoader::from_examples(std::vector<Example> examples, int64_t B, int64_t T, int32_t pad_id, uint64_t seed,
                                      int rank, int world, std::string what) {
   DataLoader d = make(B, T, seed, rank, world, what);
+  for (const Example& ex : examples)
+    if (int64_t(ex.tokens.size()) > T + 1)
+      throw std::invalid_argument(fmt::format("{}: an example of {} tokens (line {}) does not fit {} + 1; fit_examples "
+                                              "first",
+                                              what, ex.tokens.size(), ex.line, T));
   d.examples_ = std::move(examples);
   d.is_examples_ = true;
   d.pad_ = pad_id;

@@ -20,11 +20,16 @@ struct Batch {
 struct Example {
   std::vector<int32_t> tokens;  // prompt + completion
   int64_t n_prompt = 0;         // the first n_prompt tokens carry no loss
+  int64_t line = 0;             // 1-based line of the JSONL file it came from (0: not from a file)
 };
 
 // Reads prompt/completion JSONL ({"prompt": ..., "completion": ...} per line). Throws naming the file
 // and line on bad JSON or missing fields.
 std::vector<Example> load_jsonl_examples(const std::string& path, const Tokenizer& tok);
+// Makes every example fit T + 1 tokens (T model inputs) without losing a completion token: a prompt
+// too long is cut from the left; a completion longer than T is an error naming `what` and the line.
+// Returns the number of examples whose prompt was cut.
+int64_t fit_examples(std::vector<Example>& examples, int64_t T, const std::string& what);
 // Tokens of text files (each file one document, followed by <|endoftext|>) or llm.c shards (*.bin),
 // by extension.
 std::vector<int32_t> load_token_stream(const std::vector<std::string>& paths, const Tokenizer* tok);
@@ -34,7 +39,8 @@ class DataLoader {
   // Token stream: windows start every T tokens; a window gives inputs w[0..T) and targets w[1..T].
   static DataLoader from_tokens(std::vector<int32_t> tokens, int64_t B, int64_t T, uint64_t seed, int rank = 0,
                                 int world = 1, std::string what = "data");
-  // Examples: one row each, truncated to T+1 tokens, padded with pad_id (no loss on padding).
+  // Examples: one row each, padded with pad_id (no loss on padding); an example longer than T+1
+  // tokens is an error (fit_examples first).
   static DataLoader from_examples(std::vector<Example> examples, int64_t B, int64_t T, int32_t pad_id,
                                   uint64_t seed, int rank = 0, int world = 1, std::string what = "data");
 
@@ -44,6 +50,7 @@ class DataLoader {
   int64_t position() const { return pos_; }  // global batches taken in this epoch
   void seek(int64_t epoch, int64_t position);  // resume exactly where a checkpoint left off
   int64_t n_rows() const;                      // windows or examples in the data
+  bool is_examples() const { return is_examples_; }
   int64_t B() const { return B_; }
   int64_t T() const { return T_; }
 
