@@ -242,7 +242,7 @@ std::vector<Linear*> adapted_linears(Gpt& model, const std::string& adapt) {
 }
 
 std::vector<Tensor> weight_gradients(Gpt& model, const std::vector<Linear*>& layers,
-                                     const std::function<std::pair<Tensor, Tensor>()>& next_batch, int n_batches) {
+                                     const std::function<LossBatch()>& next_batch, int n_batches) {
   check(n_batches >= 1, "weight_gradients", fmt::format("n_batches {} < 1", n_batches));
   check(bool(next_batch), "weight_gradients", "no batch source given (needed for the gradient-SVD init)");
   std::vector<std::string> names;
@@ -258,8 +258,7 @@ std::vector<Tensor> weight_gradients(Gpt& model, const std::vector<Linear*>& lay
   std::vector<Tensor> G;
   try {
     for (int b = 0; b < n_batches; ++b) {
-      auto [tokens, targets] = next_batch();
-      Tensor loss = model.loss(tokens, targets);
+      Tensor loss = model.loss(next_batch());
       backward(n_batches > 1 ? ops::scale(loss, 1.0 / double(n_batches)) : loss);
     }
     for (size_t i = 0; i < names.size(); ++i) {
@@ -335,7 +334,7 @@ void set_outer_trainable(const Adapters& adapters, bool t) {
 }  // namespace
 
 Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
-                         const std::function<std::pair<Tensor, Tensor>()>& next_batch, AdapterInitReport* report) {
+                         const std::function<LossBatch()>& next_batch, AdapterInitReport* report) {
   o.validate();
   AdapterInitReport rep;
   if (o.kind == "none") {

@@ -141,7 +141,7 @@ std::vector<Linear*> adapted_linears(Gpt& model, const std::string& adapt);
 // Only those weights require grad during the pass; afterwards every parameter's trainable flag is
 // what it was before, and no gradient is left on the model.
 std::vector<Tensor> weight_gradients(Gpt& model, const std::vector<Linear*>& layers,
-                                     const std::function<std::pair<Tensor, Tensor>()>& next_batch, int n_batches);
+                                     const std::function<LossBatch()>& next_batch, int n_batches);
 
 // DEEP_LORA.md step 3: O [m, n] with orthonormal rows (m <= n) or columns (m > n) for layer index
 // `layer` (position in adapted_linears) — shared by the compressed and the wide adapter.
@@ -157,11 +157,11 @@ DeepLoraFactors deeplora_closed_form(const Tensor& U_r, const Tensor& V_r, const
 
 // Validates o against the model, freezes the base model (model.freeze_all()), builds one adapter per
 // selected layer and installs it as the layer's adapter. deeplora + gradsvd runs the initialization
-// pass first (next_batch gives (tokens, targets) on the model's device; dropout does not exist here).
+// pass first (next_batch gives a LossBatch on the model's device; dropout does not exist here).
 // kind "none" attaches nothing and leaves the model as it is. Throws std::invalid_argument with the
 // flag's name on bad options, and if the model already has adapters.
 Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
-                         const std::function<std::pair<Tensor, Tensor>()>& next_batch,
+                         const std::function<LossBatch()>& next_batch,
                          AdapterInitReport* report = nullptr);
 
 // Optimizer groups (weight decay 0): "adapter_inner" (K_i, lr_scale 1), "adapter_outer" (A, Bt,

@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/tensor.h"
@@ -41,6 +42,16 @@ class LinearAdapter {
 struct KvCache {
   std::vector<Tensor> k, v;
   int64_t B = 0, T_max = 0;
+};
+
+// A batch for a loss on the device: tokens [B, T] with next-token targets [B, T] (-100: ignored),
+// or, for example data, the loss rows [N] (flat indices into [B*T]) and their targets [N]: only those
+// rows reach the lm_head (Gpt::loss_at).
+struct LossBatch {
+  Tensor tokens, targets, rows;
+  LossBatch() = default;
+  LossBatch(Tensor tok, Tensor tgt, Tensor r = Tensor()) : tokens(std::move(tok)), targets(std::move(tgt)), rows(std::move(r)) {}
+  LossBatch(const std::pair<Tensor, Tensor>& p) : tokens(p.first), targets(p.second) {}  // NOLINT: implicit on purpose
 };
 
 struct Param {
@@ -90,6 +101,8 @@ class Gpt {
   // targets [N] (-100: ignored). Only those rows reach the lm_head (prompt/completion fine-tuning
   // scores a few positions per row); equals loss() when every other target is ignored.
   Tensor loss_at(const Tensor& tokens, const Tensor& rows, const Tensor& targets);
+  // loss_at for a batch with rows, loss otherwise.
+  Tensor loss(const LossBatch& b) { return b.rows.defined() ? loss_at(b.tokens, b.rows, b.targets) : loss(b.tokens, b.targets); }
   // Mean cross-entropy of next-token targets [B, T] (i32, -100 = ignore), f32 (f64 for f64 models).
   Tensor loss(const Tensor& tokens, const Tensor& targets);
   // All parameters in HF order with HF names ("wte.weight", "h.0.ln_1.weight", ...).

@@ -58,7 +58,7 @@ TokBatch random_batch(int64_t B, int64_t T, uint64_t seed, int64_t V = 512) {
   return {Tensor::from_ints(in, Shape{B, T}), Tensor::from_ints(tg, Shape{B, T})};
 }
 
-std::function<std::pair<Tensor, Tensor>()> fixed(const TokBatch& b) {
+std::function<LossBatch()> fixed(const TokBatch& b) {
   return [b] { return std::make_pair(b.tokens, b.targets); };
 }
 
