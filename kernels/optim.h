@@ -31,6 +31,28 @@ struct AdamWStep {
   double grad_scale = 1;  // gradients are multiplied by this first (clipping: min(1, max_norm / norm))
 };
 
+// The per-step scalars in device memory, for a step captured once into a CUDA graph and replayed:
+// the host writes lr and the bias corrections before each replay; adamw_clip writes the rest on the
+// device from the gradients' sums of squares (and the step's losses), and adamw_dev reads it all.
+struct AdamWStepDev {
+  double lr = 0, bias_corr1 = 1, bias_corr2 = 1;  // host-written
+  double max_norm = 0;                            // host-written: clip the global norm to this (0: off)
+  double norm = 0;                                // device-written: the gradients' global L2 norm
+  double grad_scale = 1;                          // device-written: min(1, max_norm / norm)
+  int32_t skip = 0;                               // device-written: a non-finite norm or loss; no update
+  int32_t pad = 0;
+};
+// What adamw_clip reads: each flat gradient buffer's sum of squares (one element, f32 or f64, as sumsq
+// writes it) and the step's micro-batch losses (f32 or f64), any of which being non-finite skips it.
+struct NormSources {
+  const void* sumsq[3] = {nullptr, nullptr, nullptr};
+  bool sumsq_f64[3] = {false, false, false};
+  int n_sumsq = 0;
+  const void* losses = nullptr;
+  bool losses_f64 = false;
+  int64_t n_losses = 0;
+};
+
 namespace detail {
 #if defined(__CUDACC__)
 #define DEEPLORA_OPTIM_HD __host__ __device__ __forceinline__
@@ -44,6 +66,13 @@ DEEPLORA_OPTIM_HD float dl_fma(float a, float b, float c) { return fmaf(a, b, c)
 DEEPLORA_OPTIM_HD double dl_fma(double a, double b, double c) { return fma(a, b, c); }
 DEEPLORA_OPTIM_HD float dl_sqrt(float a) { return sqrtf(a); }
 DEEPLORA_OPTIM_HD double dl_sqrt(double a) { return sqrt(a); }
+DEEPLORA_OPTIM_HD bool dl_finite(double a) {
+#if defined(__CUDA_ARCH__)
+  return isfinite(a);
+#else
+  return std::isfinite(a);
+#endif
+}
 
 template <class S> struct AdamWScalars {
   S beta1, one_m_beta1, beta2, one_m_beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale;
@@ -74,6 +103,21 @@ template <class S> DEEPLORA_OPTIM_HD void adamw_update(S grad, S& p, S& m, S& v,
   const S denom = dl_fma(dl_sqrt(v), k.inv_sqrt_bc2, k.eps);
   p = dl_fma(-k.step_size, m / denom, p * k.decay);
 }
+// adamw_clip's arithmetic, shared by both backends (and by AdamW's host path).
+DEEPLORA_OPTIM_HD void clip_from_sums(const NormSources& src, AdamWStepDev& st) {
+  double total = 0;
+  for (int i = 0; i < src.n_sumsq; ++i)
+    total += src.sumsq_f64[i] ? static_cast<const double*>(src.sumsq[i])[0] : double(static_cast<const float*>(src.sumsq[i])[0]);
+  const double norm = dl_sqrt(total);
+  bool bad = !dl_finite(norm);
+  for (int64_t i = 0; i < src.n_losses; ++i) {
+    const double l = src.losses_f64 ? static_cast<const double*>(src.losses)[i] : double(static_cast<const float*>(src.losses)[i]);
+    bad = bad || !dl_finite(l);
+  }
+  st.norm = norm;
+  st.skip = bad ? 1 : 0;
+  st.grad_scale = st.max_norm > 0 && norm > st.max_norm ? st.max_norm / norm : 1.0;
+}
 }  // namespace detail
 #undef DEEPLORA_OPTIM_HD
 
@@ -86,6 +130,13 @@ template <class S> DEEPLORA_OPTIM_HD void adamw_update(S grad, S& p, S& m, S& v,
      param dtype. The CUDA launcher reads `chunks` from device memory. */                           \
   void adamw(DType param_dt, DType state_dt, const AdamWChunk* chunks, int64_t n_chunks,           \
              const AdamWStep& step, cudaStream_t s);                                                \
+  /* The same update with its scalars read from st (device memory); nothing changes when st->skip.   \
+     Bit for bit the update adamw gives for the same values. */                                      \
+  void adamw_dev(DType param_dt, DType state_dt, const AdamWChunk* chunks, int64_t n_chunks,        \
+                 double beta1, double beta2, double eps, const AdamWStepDev* st, cudaStream_t s);   \
+  /* st->norm = sqrt(sum over buffers, in order, of double(sumsq)); st->skip = the norm or a loss is  \
+     not finite; st->grad_scale = max_norm / norm when 0 < max_norm < norm, else 1 (one thread). */  \
+  void adamw_clip(const NormSources& src, AdamWStepDev* st, cudaStream_t s);                        \
   /* out[0] = sum x[i]^2, deterministic (fixed tree order, no atomics); accumulated in f32 for f32   \
      and bf16 (f64 for f64); out has stat_dtype(dt). */                                             \
   void sumsq(DType dt, const void* x, int64_t n, void* out, cudaStream_t s);

@@ -232,6 +232,66 @@ void AdamW::step(double lr, double grad_scale) {
                       static_cast<const kernels::AdamWChunk*>(l.table.data()), l.n_chunks, st, stream_for(device_));
 }
 
+void AdamW::set_step(double lr, double max_norm) {
+  check(std::isfinite(lr) && std::isfinite(max_norm) && max_norm >= 0, "AdamW::set_step",
+        fmt::format("lr ({}) must be finite and max_norm ({}) finite and >= 0", lr, max_norm));
+  ++step_;
+  counted_ = true;
+  kernels::AdamWStepDev st;
+  st.lr = lr;
+  st.bias_corr1 = 1.0 - std::pow(cfg_.beta1, double(step_));
+  st.bias_corr2 = 1.0 - std::pow(cfg_.beta2, double(step_));
+  st.max_norm = max_norm;
+  static_assert(sizeof(st) % 4 == 0);
+  constexpr int64_t words = int64_t(sizeof(st) / 4);
+  if (!dev_step_.defined()) dev_step_ = Tensor::zeros(Shape{words}, DType::i32, device_);
+  Tensor h = Tensor::empty(Shape{words}, DType::i32, Device::cpu);
+  std::memcpy(h.data(), &st, sizeof(st));
+  dev_step_.copy_from(h);
+}
+
+void AdamW::step_on_device(const Tensor& losses) {
+  check(dev_step_.defined(), "AdamW::step_on_device", "call set_step(lr, max_norm) first");
+  ensure_grad_views(/*keep_values=*/true);
+  bool moved = false;
+  for (const Slot& s : slots_) moved |= s.param.data() != s.data;
+  if (moved) build_launches();
+  kernels::NormSources src;
+  for (size_t i = 0; i < grads_.size(); ++i) {
+    const DType sd = kernels::stat_dtype(grads_[i].dtype());
+    if (sumsq_.size() <= i) sumsq_.push_back(Tensor::empty(Shape{1}, sd, device_));
+    DEEPLORA_DISPATCH(device_, sumsq, grads_[i].dtype(), grads_[i].data(), grads_[i].numel(), sumsq_[i].data(),
+                      stream_for(device_));
+    src.sumsq[i] = sumsq_[i].data();
+    src.sumsq_f64[i] = sd == DType::f64;
+  }
+  src.n_sumsq = int(grads_.size());
+  if (losses.defined()) {
+    check(losses.device() == device_ && (losses.dtype() == DType::f32 || losses.dtype() == DType::f64),
+          "AdamW::step_on_device", fmt::format("losses {} must be f32 or f64 on the optimizer's device", losses.desc()));
+    src.losses = losses.data();
+    src.losses_f64 = losses.dtype() == DType::f64;
+    src.n_losses = losses.numel();
+  }
+  auto* st = static_cast<kernels::AdamWStepDev*>(dev_step_.data());
+  DEEPLORA_DISPATCH(device_, adamw_clip, src, st, stream_for(device_));
+  for (const Launch& l : launches_)
+    DEEPLORA_DISPATCH(device_, adamw_dev, l.param_dtype, l.state_dtype,
+                      static_cast<const kernels::AdamWChunk*>(l.table.data()), l.n_chunks, cfg_.beta1, cfg_.beta2,
+                      cfg_.eps, st, stream_for(device_));
+}
+
+AdamW::StepInfo AdamW::last_step() {
+  check(dev_step_.defined(), "AdamW::last_step", "no device step has run");
+  Tensor h = dev_step_.to(Device::cpu);
+  kernels::AdamWStepDev st;
+  std::memcpy(&st, h.data(), sizeof(st));
+  StepInfo info{st.norm, st.grad_scale, st.skip != 0};
+  if (info.skipped && counted_) --step_;  // the bias corrections of a skipped step are used again
+  counted_ = false;
+  return info;
+}
+
 void AdamW::set_step_count(int64_t t) {
   check(t >= 0, "AdamW::set_step_count", fmt::format("step count must be >= 0, got {}", t));
   step_ = t;

@@ -54,6 +54,21 @@ class AdamW {
   // copy is refreshed from it (rounded to nearest even into bf16).
   void step(double lr, double grad_scale = 1.0);
 
+  // The same step with its scalars in device memory, so that it can be captured in a CUDA graph
+  // (models/train_step.h). On the host, before the step: set_step(lr, max_norm) writes lr and the bias
+  // corrections of the next step count (counted now). In the step: step_on_device(losses) computes the
+  // global norm, the clip factor and a skip flag (non-finite norm, or a non-finite value in `losses`)
+  // on the device, then updates unless skipped; no host sync. After it: last_step() (synchronizes)
+  // says what happened; a skipped step is taken back from the count. Same results as step(lr,
+  // min(1, max_norm / grad_norm())) bit for bit.
+  void set_step(double lr, double max_norm);
+  void step_on_device(const Tensor& losses = Tensor());
+  struct StepInfo {
+    double norm = 0, grad_scale = 1;
+    bool skipped = false;
+  };
+  StepInfo last_step();
+
   int64_t step_count() const { return step_; }
   void set_step_count(int64_t t);
   int64_t n_params() const { return n_params_; }  // trainable elements
@@ -109,6 +124,9 @@ class AdamW {
   std::vector<StateClass> state_;
   std::vector<Tensor> grads_;
   std::vector<Launch> launches_;
+  Tensor dev_step_;             // kernels::AdamWStepDev on device_, as i32 words
+  bool counted_ = false;        // set_step counted a step that last_step has not yet confirmed
+  std::vector<Tensor> sumsq_;   // per gradient buffer: its sum of squares (for step_on_device)
   int64_t step_ = 0;
   int64_t n_params_ = 0;
 };

@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <stdexcept>
 #include <type_traits>
 
@@ -43,6 +44,22 @@ void adamw(DType param_dt, DType state_dt, const AdamWChunk* chunks, int64_t n_c
       "kernels::cpu::adamw: param dtype {} with state dtype {} is not supported (f32/f32, bf16/f32, f64/f64)",
       dtype_name(param_dt), dtype_name(state_dt)));
 }
+
+void adamw_dev(DType param_dt, DType state_dt, const AdamWChunk* chunks, int64_t n_chunks, double beta1,
+               double beta2, double eps, const AdamWStepDev* st, cudaStream_t s) {
+  if (st->skip) return;
+  AdamWStep step;
+  step.lr = st->lr;
+  step.beta1 = beta1;
+  step.beta2 = beta2;
+  step.eps = eps;
+  step.bias_corr1 = st->bias_corr1;
+  step.bias_corr2 = st->bias_corr2;
+  step.grad_scale = st->grad_scale;
+  adamw(param_dt, state_dt, chunks, n_chunks, step, s);
+}
+
+void adamw_clip(const NormSources& src, AdamWStepDev* st, cudaStream_t) { detail::clip_from_sums(src, *st); }
 
 void sumsq(DType dt, const void* x, int64_t n, void* out, cudaStream_t) {
   double s = 0.0;

@@ -25,8 +25,7 @@ template <> __device__ __forceinline__ bf16_t from_state<bf16_t, float>(float v)
 // P: param (grad, working copy) type, S: state (master, m, v) type. Each block walks whole chunks;
 // a chunk's pointers share one alignment test, so the vector path is uniform within the block.
 template <class P, class S>
-__global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWChunk* __restrict__ chunks, int64_t n_chunks,
-                                                         AdamWStep st) {
+__device__ __forceinline__ void adamw_body(const AdamWChunk* __restrict__ chunks, int64_t n_chunks, const AdamWStep& st) {
   constexpr int N = util::kVec<S>;  // 4 floats or 2 doubles per 16-byte access
   constexpr bool kWork = !std::is_same_v<P, S>;
   for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
@@ -68,11 +67,45 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWChunk* __res
   }
 }
 
+template <class P, class S>
+__global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWChunk* __restrict__ chunks, int64_t n_chunks,
+                                                         AdamWStep st) {
+  adamw_body<P, S>(chunks, n_chunks, st);
+}
+
+// The captured form: the step's scalars come from device memory (adamw_clip wrote the clip and skip).
+template <class P, class S>
+__global__ void __launch_bounds__(kThreads) adamw_dev_kernel(const AdamWChunk* __restrict__ chunks, int64_t n_chunks,
+                                                             double beta1, double beta2, double eps,
+                                                             const AdamWStepDev* __restrict__ dst) {
+  if (dst->skip) return;
+  AdamWStep st;
+  st.lr = dst->lr;
+  st.beta1 = beta1;
+  st.beta2 = beta2;
+  st.eps = eps;
+  st.bias_corr1 = dst->bias_corr1;
+  st.bias_corr2 = dst->bias_corr2;
+  st.grad_scale = dst->grad_scale;
+  adamw_body<P, S>(chunks, n_chunks, st);
+}
+
+__global__ void adamw_clip_kernel(NormSources src, AdamWStepDev* st) { detail::clip_from_sums(src, *st); }
+
 template <class P, class S> void launch_adamw(const AdamWChunk* chunks, int64_t n_chunks, const AdamWStep& st,
                                               cudaStream_t s) {
   if (n_chunks <= 0) return;
   const unsigned grid = unsigned(std::min<int64_t>(n_chunks, int64_t(1) << 20));
   adamw_kernel<P, S><<<grid, kThreads, 0, s>>>(chunks, n_chunks, st);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <class P, class S>
+void launch_adamw_dev(const AdamWChunk* chunks, int64_t n_chunks, double b1, double b2, double eps,
+                      const AdamWStepDev* st, cudaStream_t s) {
+  if (n_chunks <= 0) return;
+  const unsigned grid = unsigned(std::min<int64_t>(n_chunks, int64_t(1) << 20));
+  adamw_dev_kernel<P, S><<<grid, kThreads, 0, s>>>(chunks, n_chunks, b1, b2, eps, st);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -122,6 +155,23 @@ void adamw(DType param_dt, DType state_dt, const AdamWChunk* chunks, int64_t n_c
   throw std::invalid_argument(std::string("kernels::cuda::adamw: param dtype ") + util::dt_name(param_dt) +
                               " with state dtype " + util::dt_name(state_dt) +
                               " is not supported (f32/f32, bf16/f32, f64/f64)");
+}
+
+void adamw_dev(DType param_dt, DType state_dt, const AdamWChunk* chunks, int64_t n_chunks, double beta1,
+               double beta2, double eps, const AdamWStepDev* st, cudaStream_t s) {
+  if (param_dt == DType::f32 && state_dt == DType::f32)
+    return launch_adamw_dev<float, float>(chunks, n_chunks, beta1, beta2, eps, st, s);
+  if (param_dt == DType::bf16 && state_dt == DType::f32)
+    return launch_adamw_dev<bf16_t, float>(chunks, n_chunks, beta1, beta2, eps, st, s);
+  if (param_dt == DType::f64 && state_dt == DType::f64)
+    return launch_adamw_dev<double, double>(chunks, n_chunks, beta1, beta2, eps, st, s);
+  throw std::invalid_argument(std::string("kernels::cuda::adamw_dev: param dtype ") + util::dt_name(param_dt) +
+                              " with state dtype " + util::dt_name(state_dt) + " is not supported");
+}
+
+void adamw_clip(const NormSources& src, AdamWStepDev* st, cudaStream_t s) {
+  adamw_clip_kernel<<<1, 1, 0, s>>>(src, st);
+  CUDA_CHECK_LAUNCH();
 }
 
 void sumsq(DType dt, const void* x, int64_t n, void* out, cudaStream_t s) {
