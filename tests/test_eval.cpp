@@ -513,3 +513,48 @@ TEST_CASE("Gpt::loss_at: the loss and gradients of the selected positions equal 
   CHECK(std::abs(full[0] - sparse[0]) <= 1e-12 * std::abs(full[0]));
   CHECK(test::rel_err(sparse, full) <= 1e-12);
 }
+
+TEST_CASE("eval and generate vs transformers on the committed fixture (tests/data/hf_tiny/evalgen_expected.json)") {
+  const fs::path fixture = fs::path(DEEPLORA_TEST_DATA) / "hf_tiny" / "evalgen_expected.json";
+  if (!fs::exists(fixture)) {
+    MESSAGE("skipped: " << fixture.string() << " is missing (made on the GPU machine by tools/device_check.sh evalgen)");
+    return;
+  }
+  const nlohmann::json ex = nlohmann::json::parse(std::ifstream(fixture));
+  test::TempDir dir;
+  Tokenizer tok = Tokenizer::from_dir(test::write_byte_vocab(dir.path / "vocab"));  // id = byte, as the fixture's ids
+  std::string lines;
+  for (const auto& e : ex["examples"])
+    lines += nlohmann::json{{"prompt", e["prompt"]}, {"choices", e["choices"]}, {"label", e["label"]}}.dump() + "\n";
+  const std::string mc = dir.write("mc.jsonl", lines);
+  std::vector<Device> devs = {Device::cpu};
+  if (cuda_available()) devs.push_back(Device::cuda);
+  for (Device dev : devs) {
+    CAPTURE(device_name(dev));
+    auto model = load_hf_gpt((fs::path(DEEPLORA_TEST_DATA) / "hf_tiny").string(), DType::f32, dev);
+    McData data = load_mc_jsonl(mc, tok, 128);
+    REQUIRE(data.examples.size() == ex["examples"].size());
+    McScores s = score_mc(*model, data);
+    double worst = 0;
+    int64_t hits = 0;
+    for (size_t i = 0; i < data.examples.size(); ++i) {
+      std::vector<double> want = ex["examples"][i]["logprobs"].get<std::vector<double>>();
+      for (size_t c = 0; c < want.size(); ++c) worst = std::max(worst, std::abs(s.logprob[i][c] - want[c]) / std::abs(want[c]));
+      hits += int64_t(std::max_element(want.begin(), want.end()) - want.begin()) == ex["examples"][i]["label"].get<int64_t>();
+    }
+    CHECK(worst <= 1e-4);
+    CHECK(s.acc == doctest::Approx(double(hits) / double(data.examples.size())));
+    MESSAGE(fmt::format("vs transformers on {}: {} examples, worst per-choice log-prob rel err {:.2e}, accuracy {:.4f}",
+                        device_name(dev), data.examples.size(), worst, s.acc));
+    std::vector<std::vector<int32_t>> prompts;
+    for (const auto& g : ex["generate"]) prompts.push_back(g["prompt"].get<std::vector<int32_t>>());
+    GenerateOptions o;
+    o.max_new_tokens = 64;
+    o.stop_id = -1;
+    GenerateResult r = generate(*model, prompts, o);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      CAPTURE(i);
+      CHECK(r.tokens[i] == ex["generate"][i]["tokens"].get<std::vector<int32_t>>());
+    }
+  }
+}

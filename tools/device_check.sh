@@ -2,7 +2,12 @@
 # One call on the GPU machine: build (sm_90), run the tests (CPU-vs-CUDA included), compute-sanitizer,
 # reference cross-checks, benchmarks beside their peers; logs under $OUT, a short table last.
 #   bash tools/device_check.sh [build test sanitize fixture tokenizer bench train deepmc deepmc_scale profile_mc
-#                               peers_train peers_mc]
+#                               peers_train peers_mc evalgen genbench pretrain study]
+# evalgen: eval/generate vs transformers (makes tests/data/hf_tiny/evalgen_expected.json when missing);
+# genbench: generate decode tokens/s and eval examples/s vs transformers (GPT-2 124M, bf16, same call);
+# pretrain: the study's small base (tools/pretrain_base.sh small; data/shards/base carried);
+# study: tools/study on STUDY_GRID (default docs/fewshot/grid.json) with --resume into
+# docs/fewshot, stopping after STUDY_BUDGET seconds (default 480); the outputs come back in fewshot.tar.gz.
 # Peers are read from .peers/ (a copy of ../shared/peers, carried with the call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -200,6 +205,64 @@ if has peers_mc; then
   log "peer: jax_deep_mc.py"
   python3 .peers/jax_deep_mc.py > "$OUT/logs/peer_mc.log" 2>&1
   result[peer_mc]=$(grep seconds "$OUT/logs/peer_mc.log" | paste -sd';')
+fi
+
+if has evalgen; then
+  log "eval and generate vs transformers (tiny fixture, f32, CPU and CUDA)"
+  if [[ ! -f tests/data/hf_tiny/evalgen_expected.json ]]; then
+    python3 tools/hf_crosscheck.py evalgen_fixture tests/data/hf_tiny tests/data/hf_tiny/evalgen_expected.json \
+      > "$OUT/logs/evalgen.log" 2>&1
+  fi
+  cp tests/data/hf_tiny/evalgen_expected.json "$OUT/" 2>/dev/null
+  ./build/deeplora_tests -tc='*vs transformers on the committed fixture*,*generate on CUDA*' --duration=false \
+    >> "$OUT/logs/evalgen.log" 2>&1
+  result[evalgen]=$(grep -E "^\[doctest\] (test cases|assertions)" "$OUT/logs/evalgen.log" | tr -s ' ' | paste -sd' ')
+  grep -E "MESSAGE|ERROR" "$OUT/logs/evalgen.log" | head -10
+fi
+
+if has genbench; then
+  log "generate (decode tokens/s) and eval (examples/s) vs transformers: GPT-2 124M random init, bf16"
+  python3 - "$TMP" <<'PY' > "$OUT/logs/genbench.log" 2>&1
+import json, random, sys, torch
+from transformers import GPT2Config, GPT2LMHeadModel
+d = sys.argv[1]
+torch.manual_seed(0)
+GPT2LMHeadModel(GPT2Config()).save_pretrained(f"{d}/gpt2_hf", safe_serialization=True)
+rng = random.Random(0)
+ids = [[rng.randrange(50000) for _ in range(32)] for _ in range(16)]
+json.dump(ids, open(f"{d}/ids16.json", "w")); json.dump(ids[:1], open(f"{d}/ids1.json", "w"))
+PY
+  for b in 1 16; do
+    for g in on off; do
+      ./build/generate --model $TMP/gpt2_hf --vocab-dir data/gpt2 --prompt-ids $TMP/ids$b.json --batch $b \
+        --max-new-tokens 128 --no-stop --dtype bf16 --cuda-graph $g --quiet > $TMP/gen.json 2>> "$OUT/logs/genbench.log"
+      ./build/generate --model $TMP/gpt2_hf --vocab-dir data/gpt2 --prompt-ids $TMP/ids$b.json --batch $b \
+        --max-new-tokens 128 --no-stop --dtype bf16 --cuda-graph $g --quiet > $TMP/gen.json 2>> "$OUT/logs/genbench.log"
+      tee -a "$OUT/logs/genbench.log" < $TMP/gen.json
+      result[gen_b${b}_graph_$g]=$(python3 -c "import json; print(round(json.load(open('$TMP/gen.json'))['decode_tokens_per_s']))" 2>/dev/null)
+    done
+  done
+  python3 tools/hf_bench.py gen $TMP/gpt2_hf $TMP/ids16.json 128 eager,static_compile 1,16 | tee -a "$OUT/logs/genbench.log"
+  for task in wordnet_lexname; do
+    ./build/eval --model $TMP/gpt2_hf --vocab-dir data/gpt2 --data data/tasks/$task/test.jsonl --dtype bf16 | tee -a "$OUT/logs/genbench.log"
+    python3 tools/hf_bench.py eval $TMP/gpt2_hf data/gpt2 data/tasks/$task/test.jsonl | tee -a "$OUT/logs/genbench.log"
+  done
+  result[genbench]="see logs/genbench.log"
+fi
+
+if has pretrain; then
+  log "pretrain the study's small base (tools/pretrain_base.sh small)"
+  bash tools/pretrain_base.sh small --log-every 250 > "$OUT/logs/pretrain.log" 2>&1
+  result[pretrain]=$(grep -E "^eval step" "$OUT/logs/pretrain.log" | tail -1 | cut -c1-80)
+  tail -3 "$OUT/logs/pretrain.log"
+fi
+
+if has study; then
+  log "few-shot study: ${STUDY_GRID:-docs/fewshot/grid.json}, budget ${STUDY_BUDGET:-480} s"
+  ./build/study --grid "${STUDY_GRID:-docs/fewshot/grid.json}" --out docs/fewshot --resume \
+    --time-budget "${STUDY_BUDGET:-480}" --quiet > "$OUT/logs/study.log" 2>&1
+  result[study]="exit $? | $(tail -1 "$OUT/logs/study.log" | cut -c1-120)"
+  tar -czf "$OUT/fewshot.tar.gz" docs/fewshot/runs.jsonl docs/fewshot/selection.jsonl docs/fewshot/study.json
 fi
 
 if has sanitize; then

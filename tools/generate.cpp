@@ -60,6 +60,8 @@ int main(int argc, char** argv) {
   app.add_option("--adapter", adapter_dir, "adapter directory (ours or PEFT LoRA), applied unmerged");
   app.add_option("--prompt", prompt_text, "a prompt (repeat for several)");
   app.add_option("--prompts", prompts_file, "a file of prompts: one per line, or JSONL with \"prompt\"");
+  std::string ids_file;
+  app.add_option("--prompt-ids", ids_file, "a JSON file holding a list of token-id lists (benchmarks: exact prompts)");
   app.add_option("--vocab-dir", vocab_dir, "tokenizer directory (default: the model's, else data/gpt2)");
   app.add_option("--max-new-tokens", go.max_new_tokens, "tokens to generate per prompt")
       ->capture_default_str()->check(CLI::PositiveNumber);
@@ -81,10 +83,24 @@ int main(int argc, char** argv) {
   app.add_flag("--quiet", quiet, "print only the summary line");
   CLI11_PARSE(app, argc, argv);
   try {
-    if (prompt_text.empty() == prompts_file.empty()) throw std::invalid_argument("give either --prompt or --prompts");
+    if (int(!prompt_text.empty()) + int(!prompts_file.empty()) + int(!ids_file.empty()) != 1)
+      throw std::invalid_argument("give one of --prompt, --prompts or --prompt-ids");
+    std::vector<std::vector<int32_t>> given_ids;
+    if (!ids_file.empty()) {
+      std::ifstream f(ids_file);
+      if (!f) throw std::runtime_error(fmt::format("--prompt-ids {}: cannot open", ids_file));
+      try {
+        given_ids = nlohmann::json::parse(f).get<std::vector<std::vector<int32_t>>>();
+      } catch (const std::exception& e) {
+        throw std::runtime_error(fmt::format("--prompt-ids {}: expected a JSON list of token-id lists: {}", ids_file, e.what()));
+      }
+      if (given_ids.empty()) throw std::runtime_error(fmt::format("--prompt-ids {}: no prompts", ids_file));
+    }
     if (go.temperature == 0 && (go.top_k > 0 || go.top_p < 1))
       throw std::invalid_argument("--top-k / --top-p sample: give a --temperature > 0 too (0 is greedy)");
-    std::vector<std::string> texts = prompts_file.empty() ? prompt_text : read_prompts(prompts_file);
+    std::vector<std::string> texts = !prompt_text.empty() ? prompt_text
+                                     : !prompts_file.empty() ? read_prompts(prompts_file)
+                                                             : std::vector<std::string>(given_ids.size());
     const Device dev = device_from_flag(device);
     const DType dt = dtype_from_flag(dtype, dev);
     LoadedModel lm = load_for_inference(model_dir, adapter_dir, dt, dev);
@@ -105,7 +121,8 @@ int main(int argc, char** argv) {
       std::vector<std::vector<int32_t>> ids;
       const size_t b1 = std::min(texts.size(), b0 + size_t(batch));
       for (size_t i = b0; i < b1; ++i) {
-        ids.push_back(tok.encode(sanitize_utf8(texts[i])));
+        ids.push_back(given_ids.empty() ? tok.encode(sanitize_utf8(texts[i])) : given_ids[i]);
+        if (!given_ids.empty()) texts[i] = sanitize_utf8(tok.decode(given_ids[i]));
         if (ids.back().empty()) ids.back().push_back(tok.eot_id());  // an empty prompt starts a new document
       }
       GenerateResult r = generate(*lm.model, ids, go);

@@ -13,6 +13,11 @@
   peft_logits BASE ADAPTER IDS OUT   logits of PeftModel.from_pretrained(BASE, ADAPTER)
   tokenizer VOCAB_DIR TEXT SHARD   GPT2TokenizerFast ids of TEXT == the llm.c shard made by
                          deeplora's `tokenize` (documents separated by <|endoftext|>)
+  evalgen_fixture MODEL_DIR OUT   on the HF model MODEL_DIR (the tiny fixture: vocab 512, so a byte
+                         tokenizer, id = byte value, covers it): 240 multiple-choice examples with
+                         transformers' summed log-probability of every choice, and 16 prompts with
+                         model.generate(do_sample=False, 64 new tokens); OUT = a JSON file that
+                         tests/test_eval.cpp checks eval and generate against (f32)
 """
 import json
 import os
@@ -157,6 +162,43 @@ def tokenizer(vocab_dir, text_file, shard):
     return 0 if ok else 1
 
 
+def evalgen_fixture(model_dir, out):
+    """Multiple-choice log-probs and greedy generations of transformers on byte-id text."""
+    import random
+
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model.config._attn_implementation = "eager"
+    rng = random.Random(7)
+    words = ["apple", "river", "stone", "cloud", "night", "green", "table", "song", "quick", "brown", "fox"]
+    choice_sets = [[" yes", " no"], [" ya", " yb", " no", " maybe"], [" red", " green", " blue"],
+                   [" a", " bb", " ccc", " dddd", " e"]]
+    examples = []
+    with torch.no_grad():
+        for i in range(240):
+            prompt = f"Q{i}:" + "".join(" " + rng.choice(words) for _ in range(rng.randint(0, 12))) + "\nA:"
+            choices = choice_sets[i % len(choice_sets)]
+            label = rng.randrange(len(choices))
+            p = list(prompt.encode())
+            lps = []
+            for c in choices:
+                ids = p + list(c.encode())
+                logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0].double()
+                lsm = torch.log_softmax(logits, dim=-1)
+                lps.append(sum(lsm[len(p) - 1 + j, ids[len(p) + j]].item() for j in range(len(c.encode()))))
+            examples.append({"prompt": prompt, "choices": choices, "label": label, "logprobs": lps})
+        gens = []
+        for i in range(16):
+            ids = [rng.randrange(256) for _ in range(1 + (i * 5) % 23)]
+            g = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               do_sample=False, max_new_tokens=64, min_new_tokens=64, pad_token_id=0)
+            gens.append({"prompt": ids, "tokens": g[0, len(ids):].tolist()})
+    with open(out, "w") as f:
+        json.dump({"model": model_dir, "dtype": "float32", "examples": examples, "generate": gens}, f)
+    print(json.dumps({"evalgen_fixture": out, "examples": len(examples), "generations": len(gens)}))
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "fixture":
@@ -171,5 +213,7 @@ if __name__ == "__main__":
         peft_logits(*args)
     elif cmd == "tokenizer":
         sys.exit(tokenizer(*args))
+    elif cmd == "evalgen_fixture":
+        evalgen_fixture(*args)
     else:
         sys.exit(__doc__)

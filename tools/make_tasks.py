@@ -40,7 +40,7 @@ MIN_WORDS = 4  # shorter texts are dropped (build_corpus.py's exclusion index re
 TEST_PER_CLASS = 50
 VAL_PER_CLASS = 25
 POOL_PER_CLASS = 400  # train pool: stratified, at most this many per class
-TINY = dict(test=4, val=2, train=64)  # per class, per class, total
+TINY = dict(test=4, val=2, train=256)  # per class, per class, total (n = 16 and 64 draw different subsets)
 
 # ---------------------------------------------------------------- text helpers (shared with build_corpus.py)
 WORD_RE = re.compile(r"\w+")

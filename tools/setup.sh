@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs what deeplora needs on a fresh Debian/Ubuntu machine and builds it. Idempotent.
-#   bash tools/setup.sh            # packages + GPT-2 vocab + default corpus + release build
+#   bash tools/setup.sh            # packages + GPT-2 vocab + default corpus + study data + release build
 #   SKIP_BUILD=1 bash tools/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 for p in cmake ninja-build g++ pkg-config libfmt-dev doctest-dev nlohmann-json3-dev libpcre2-dev libcli11-dev \
-         libopenmpi-dev openmpi-bin fortunes-min python3; do
+         libopenmpi-dev openmpi-bin fortunes-min python3 python3-matplotlib python3-numpy; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 command -v npm >/dev/null 2>&1 || need+=(npm)  # a machine may have Node.js from elsewhere
@@ -40,6 +40,10 @@ if [[ ! -s data/corpus/fortunes.txt && -d /usr/share/games/fortunes ]]; then
     | sed 's/^%$//' > data/corpus/fortunes.txt
   echo "setup: default corpus data/corpus/fortunes.txt ($(wc -c < data/corpus/fortunes.txt) bytes)"
 fi
+
+# The few-shot study's tasks and pretraining corpus, from Debian packages (STUDY_DATA_TINY=1: the
+# tiny corpus only, as CI does).
+bash tools/setup_study_data.sh
 
 if [[ -z "${SKIP_BUILD:-}" ]]; then
   jobs=${JOBS:-$(nproc)}
