@@ -82,6 +82,8 @@ void AdapterOptions::validate() const {
   }
   if (depth < 2) bad(fmt::format("--depth {}: deeplora needs at least 2 factors", depth));
   if (!(eps > 0) || !std::isfinite(eps)) bad(fmt::format("--eps {}: must be positive", eps));
+  if (!(width_lr_ref >= 0) || !std::isfinite(width_lr_ref))
+    bad(fmt::format("--width-lr-ref {}: must be >= 0 (0: off)", width_lr_ref));
   if (!(outer_lr_scale >= 0) || !std::isfinite(outer_lr_scale))
     bad(fmt::format("--outer-lr-scale {}: must be >= 0 (0 freezes A and B)", outer_lr_scale));
   if (init != "gradsvd" && init != "random") bad(fmt::format("--deeplora-init '{}': expected gradsvd or random", init));
@@ -92,8 +94,9 @@ std::string AdapterOptions::str() const {
   if (kind == "none") return "adapter: none (full fine-tuning)";
   if (kind == "lora") return fmt::format("adapter: lora r={} alpha={} adapt={}", rank, alpha, adapt);
   if (wide) return fmt::format("adapter: deeplora --wide (uncompressed reference) L={} eps={} adapt={}", depth, eps, adapt);
-  return fmt::format("adapter: deeplora r={} (width {}) L={} eps={} init={} outer-lr-scale={} adapt={}{}", rank, width(),
-                     depth, eps, init, outer_lr_scale, adapt, init == "gradsvd" ? fmt::format(" svd-batches={}", svd_batches) : "");
+  return fmt::format("adapter: deeplora r={} (width {}) L={} eps={} init={} outer-lr-scale={}{} adapt={}{}", rank, width(),
+                     depth, eps, init, outer_lr_scale,
+                     width_lr_ref > 0 ? fmt::format(" inner lr x {}/{}", width_lr_ref, width()) : "", adapt, init == "gradsvd" ? fmt::format(" svd-batches={}", svd_batches) : "");
 }
 
 std::string AdapterInitReport::str() const {
@@ -428,8 +431,12 @@ Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
 
 // ---- optimizer groups, state, merging -----------------------------------------------------------
 
-std::vector<ParamGroup> adapter_param_groups(const Adapters& adapters, double outer_lr_scale) {
-  ParamGroup inner{{}, 1.0, 0.0, "adapter_inner"}, outer{{}, outer_lr_scale, 0.0, "adapter_outer"},
+std::vector<ParamGroup> adapter_param_groups(const Adapters& adapters, double outer_lr_scale, double width_lr_ref) {
+  double inner_scale = 1.0;
+  if (width_lr_ref > 0)
+    for (auto& a : adapters)
+      if (auto* d = dynamic_cast<const DeepLoraAdapter*>(a.get())) inner_scale = width_lr_ref / double(d->width());
+  ParamGroup inner{{}, inner_scale, 0.0, "adapter_inner"}, outer{{}, outer_lr_scale, 0.0, "adapter_outer"},
       lora{{}, 1.0, 0.0, "lora"}, wide{{}, 1.0, 0.0, "deeplora_wide"};
   for (auto& a : adapters)
     for (auto& p : a->params()) {

@@ -24,6 +24,11 @@ struct AdapterOptions {
   double eps = 1e-3;              // K_i(0) = eps * I (W_i(0) = eps * orthogonal with --wide)
   double alpha = 16;              // LoRA only: scale alpha / r
   double outer_lr_scale = 0.01;   // gamma: A, B train at gamma * lr; 0 freezes them
+  // Deep LoRA: > 0 trains the inner factors at lr * width_lr_ref / width. Adam moves every entry of a
+  // k x k factor by about lr, so a factor's spectral step grows with k (NOTES.md: at lr 3e-2 the
+  // product K_L...K_1 reached ||K|| ~ 1e3 at width 64 against ~2 at width 8); this keeps it fixed.
+  // 16 leaves the default width (r = 8) at its lr. 0: off (the paper's training).
+  double width_lr_ref = 0;
   std::string init = "gradsvd";   // gradsvd | random (deeplora)
   bool wide = false;              // deeplora: uncompressed W_L...W_1 of width max(m, n) (reference)
   std::string adapt = "all";      // attn (c_attn) | attn-mlp (c_attn, c_fc, mlp.c_proj) | all
@@ -164,10 +169,11 @@ Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
                          const std::function<LossBatch()>& next_batch,
                          AdapterInitReport* report = nullptr);
 
-// Optimizer groups (weight decay 0): "adapter_inner" (K_i, lr_scale 1), "adapter_outer" (A, Bt,
+// Optimizer groups (weight decay 0): "adapter_inner" (K_i, lr_scale 1, or width_lr_ref / width when
+// width_lr_ref > 0), "adapter_outer" (A, Bt,
 // lr_scale outer_lr_scale; left out when 0 — those tensors do not require grad then), "lora" (1),
 // "deeplora_wide" (1). Only tensors that require grad; empty groups are left out.
-std::vector<ParamGroup> adapter_param_groups(const Adapters& adapters, double outer_lr_scale);
+std::vector<ParamGroup> adapter_param_groups(const Adapters& adapters, double outer_lr_scale, double width_lr_ref = 0);
 int64_t n_adapter_params(const Adapters& adapters, bool trainable_only = true);
 
 // Every adapter master under its unique name (for training checkpoints), and the inverse (same

@@ -69,6 +69,7 @@ StudyMethod method_from_json(const json& j, const std::vector<StudyMethod>& defa
   a.depth = get<int>(j, "depth", a.depth, what);
   a.eps = get<double>(j, "eps", a.eps, what);
   a.outer_lr_scale = get<double>(j, "outer_lr_scale", a.outer_lr_scale, what);
+  a.width_lr_ref = get<double>(j, "width_lr_ref", a.width_lr_ref, what);
   a.adapt = get<std::string>(j, "adapt", a.adapt, what);
   a.svd_batches = get<int>(j, "svd_batches", a.svd_batches, what);
   m.lrs = get<std::vector<double>>(j, "lr", m.lrs, what);
@@ -103,6 +104,7 @@ json StudyMethod::options() const {
   } else if (adapter.kind == "deeplora") {
     j.update({{"init", adapter.init}, {"depth", adapter.depth}, {"eps", adapter.eps},
               {"outer_lr_scale", adapter.outer_lr_scale}, {"svd_batches", adapter.svd_batches}});
+    if (adapter.width_lr_ref > 0) j["width_lr_ref"] = adapter.width_lr_ref;
   }
   if (adapter.kind != "none") j["adapt"] = adapter.adapt;
   if (weight_decay != 0) j["weight_decay"] = weight_decay;

@@ -346,6 +346,8 @@ TEST_CASE("adapters: trainable counts, frozen base without gradient buffers, opt
     REQUIRE(groups.size() == 2);
     CHECK(groups[0].name == "adapter_inner");
     CHECK(groups[0].lr_scale == 1.0);
+    CHECK(adapter_param_groups(ad, 0.01, 16)[0].lr_scale == 2.0);  // width 8: inner lr x 16/8
+    CHECK(adapter_param_groups(ad, 0.01, 16)[1].lr_scale == 0.01);
     CHECK(groups[0].params.size() == 8 * 3);
     CHECK(groups[1].name == "adapter_outer");
     CHECK(groups[1].lr_scale == 0.01);
@@ -504,6 +506,9 @@ TEST_CASE("adapters: bad options and mismatched adapter files give clear errors"
   o.kind = "lora";
   o.wide = true;
   CHECK(err(o).find("--wide") != std::string::npos);
+  o = AdapterOptions{};
+  o.width_lr_ref = -1;
+  CHECK(err(o).find("--width-lr-ref -1") != std::string::npos);
   o = AdapterOptions{};
   o.svd_batches = 0;
   CHECK(err(o).find("--svd-batches") != std::string::npos);
