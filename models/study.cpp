@@ -71,7 +71,12 @@ StudyMethod method_from_json(const json& j, const std::vector<StudyMethod>& defa
   a.outer_lr_scale = get<double>(j, "outer_lr_scale", a.outer_lr_scale, what);
   a.width_lr_ref = get<double>(j, "width_lr_ref", a.width_lr_ref, what);
   a.adapt = get<std::string>(j, "adapt", a.adapt, what);
-  a.svd_batches = get<int>(j, "svd_batches", a.svd_batches, what);
+  if (j.contains("svd_batches") && j["svd_batches"].is_string()) {
+    if (j["svd_batches"] != "all") bad(what, "\"svd_batches\": a number, or \"all\" (the whole training set)");
+    m.svd_all = true;
+  } else {
+    a.svd_batches = get<int>(j, "svd_batches", a.svd_batches, what);
+  }
   m.lrs = get<std::vector<double>>(j, "lr", m.lrs, what);
   m.rank_sweep = get<bool>(j, "rank_sweep", m.rank_sweep, what);
   m.ns = get<std::vector<int64_t>>(j, "n", m.ns, what);
@@ -105,6 +110,7 @@ json StudyMethod::options() const {
     j.update({{"init", adapter.init}, {"depth", adapter.depth}, {"eps", adapter.eps},
               {"outer_lr_scale", adapter.outer_lr_scale}, {"svd_batches", adapter.svd_batches}});
     if (adapter.width_lr_ref > 0) j["width_lr_ref"] = adapter.width_lr_ref;
+    if (svd_all) j["svd_batches"] = "all";
   }
   if (adapter.kind != "none") j["adapt"] = adapter.adapt;
   if (weight_decay != 0) j["weight_decay"] = weight_decay;
@@ -518,6 +524,7 @@ StudySummary run_study(const StudyGrid& g, const StudyOptions& o) {
     to.adapter = m.adapter;
     if (!full_finetune(m)) {
       to.adapter.rank = run.rank;
+      if (m.svd_all) to.adapter.svd_batches = int(std::max<int64_t>(1, run.n / to.batch));  // every example once
       if (m.alpha_is_rank) to.adapter.alpha = double(run.rank);
     }
     if (full_finetune(m))
