@@ -103,6 +103,19 @@ template <class S> DEEPLORA_OPTIM_HD void adamw_update(S grad, S& p, S& m, S& v,
   const S denom = dl_fma(dl_sqrt(v), k.inv_sqrt_bc2, k.eps);
   p = dl_fma(-k.step_size, m / denom, p * k.decay);
 }
+// The step adamw_dev runs: the device-resident scalars with the optimizer's betas and eps.
+DEEPLORA_OPTIM_HD AdamWStep step_from_dev(const AdamWStepDev& d, double beta1, double beta2, double eps) {
+  AdamWStep st;
+  st.lr = d.lr;
+  st.beta1 = beta1;
+  st.beta2 = beta2;
+  st.eps = eps;
+  st.bias_corr1 = d.bias_corr1;
+  st.bias_corr2 = d.bias_corr2;
+  st.grad_scale = d.grad_scale;
+  return st;
+}
+
 // adamw_clip's arithmetic, shared by both backends (and by AdamW's host path).
 DEEPLORA_OPTIM_HD void clip_from_sums(const NormSources& src, AdamWStepDev& st) {
   double total = 0;

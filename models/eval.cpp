@@ -6,12 +6,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <stdexcept>
 
 #include "models/tokenizer.h"
 #include "runtime/io/dataloader.h"
+#include "runtime/io/jsonl.h"
 #include "runtime/device.h"
 #include "runtime/ops.h"
 #include "runtime/tape.h"
@@ -32,47 +33,27 @@ int64_t utf8_chars(const std::string& s) {
 }  // namespace
 
 JsonlKind jsonl_kind(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw std::runtime_error(fmt::format("{}: cannot open", path));
-  std::string line;
-  int64_t lineno = 0;
-  while (std::getline(f, line)) {
-    ++lineno;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const std::exception& e) {
-      bad_line(path, lineno, fmt::format("not valid JSON: {}", e.what()));
-    }
-    if (j.is_object() && j.contains("choices")) return JsonlKind::multiple_choice;
-    if (j.is_object() && j.contains("completion")) return JsonlKind::prompt_completion;
-    bad_line(path, lineno,
-             "expected {\"prompt\", \"completion\"} (prompt/completion) or {\"prompt\", \"choices\", \"label\"} "
-             "(multiple choice)");
-  }
-  throw std::runtime_error(fmt::format("{}: no examples (empty file)", path));
+  std::optional<JsonlKind> kind;
+  for_each_jsonl(path, [&](const nlohmann::json& j, int64_t line) {
+    if (j.is_object() && j.contains("choices")) kind = JsonlKind::multiple_choice;
+    else if (j.is_object() && j.contains("completion")) kind = JsonlKind::prompt_completion;
+    else
+      bad_line(path, line,
+               "expected {\"prompt\", \"completion\"} (prompt/completion) or {\"prompt\", \"choices\", \"label\"} "
+               "(multiple choice)");
+    return false;  // the first line decides
+  });
+  if (!kind) throw std::runtime_error(fmt::format("{}: no examples (empty file)", path));
+  return *kind;
 }
 
 McData load_mc_jsonl(const std::string& path, const Tokenizer& tok, int64_t seq_len, bool need_labels) {
   if (seq_len < 2) throw std::invalid_argument(fmt::format("{}: sequence length {} is too short to score", path, seq_len));
-  std::ifstream f(path);
-  if (!f) throw std::runtime_error(fmt::format("{}: cannot open", path));
   McData d;
   d.path = path;
-  std::string line;
-  int64_t lineno = 0;
   bool same_choices = true;
   std::vector<std::string> first_choices;
-  while (std::getline(f, line)) {
-    ++lineno;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const std::exception& e) {
-      bad_line(path, lineno, fmt::format("not valid JSON: {}", e.what()));
-    }
+  for_each_jsonl(path, [&](const nlohmann::json& j, int64_t lineno) {
     if (!j.is_object()) bad_line(path, lineno, "expected a JSON object {\"prompt\", \"choices\", \"label\"}");
     if (!j.contains("prompt") || !j["prompt"].is_string()) bad_line(path, lineno, "missing string field \"prompt\"");
     if (!j.contains("choices") || !j["choices"].is_array())
@@ -121,7 +102,8 @@ McData load_mc_jsonl(const std::string& path, const Tokenizer& tok, int64_t seq_
     if (d.examples.empty()) first_choices = choices;
     else if (choices != first_choices) same_choices = false;
     d.examples.push_back(std::move(ex));
-  }
+    return true;
+  });
   if (d.examples.empty()) throw std::runtime_error(fmt::format("{}: no examples", path));
   if (same_choices) d.choice_set = first_choices;
   return d;

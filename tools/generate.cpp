@@ -12,34 +12,27 @@
 #include "models/inference.h"
 #include "models/tokenizer.h"
 #include "runtime/device.h"
+#include "runtime/io/jsonl.h"
 
 namespace {
 
 // One prompt per line, or JSONL objects with a "prompt" field (for prompts with newlines).
 std::vector<std::string> read_prompts(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw std::runtime_error(fmt::format("{}: cannot open", path));
-  const bool jsonl = path.size() > 6 && path.compare(path.size() - 6, 6, ".jsonl") == 0;
   std::vector<std::string> out;
-  std::string line;
-  int64_t n = 0;
-  while (std::getline(f, line)) {
-    ++n;
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (!jsonl) {
+  if (path.size() > 6 && path.compare(path.size() - 6, 6, ".jsonl") == 0) {
+    deeplora::for_each_jsonl(path, [&](const nlohmann::json& j, int64_t line) {
+      if (!j.is_object() || !j.contains("prompt") || !j["prompt"].is_string())
+        throw std::runtime_error(fmt::format("{}:{}: expected an object with a string field \"prompt\"", path, line));
+      out.push_back(j["prompt"].get<std::string>());
+      return true;
+    });
+  } else {
+    std::ifstream f(path);
+    if (!f) throw std::runtime_error(fmt::format("{}: cannot open", path));
+    for (std::string line; std::getline(f, line);) {
+      if (!line.empty() && line.back() == '\r') line.pop_back();
       if (!line.empty()) out.push_back(line);
-      continue;
     }
-    if (line.find_first_not_of(" \t") == std::string::npos) continue;
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const std::exception& e) {
-      throw std::runtime_error(fmt::format("{}:{}: not valid JSON: {}", path, n, e.what()));
-    }
-    if (!j.is_object() || !j.contains("prompt") || !j["prompt"].is_string())
-      throw std::runtime_error(fmt::format("{}:{}: expected an object with a string field \"prompt\"", path, n));
-    out.push_back(j["prompt"].get<std::string>());
   }
   if (out.empty()) throw std::runtime_error(fmt::format("{}: no prompts", path));
   return out;

@@ -48,14 +48,7 @@ void adamw(DType param_dt, DType state_dt, const AdamWChunk* chunks, int64_t n_c
 void adamw_dev(DType param_dt, DType state_dt, const AdamWChunk* chunks, int64_t n_chunks, double beta1,
                double beta2, double eps, const AdamWStepDev* st, cudaStream_t s) {
   if (st->skip) return;
-  AdamWStep step;
-  step.lr = st->lr;
-  step.beta1 = beta1;
-  step.beta2 = beta2;
-  step.eps = eps;
-  step.bias_corr1 = st->bias_corr1;
-  step.bias_corr2 = st->bias_corr2;
-  step.grad_scale = st->grad_scale;
+  const AdamWStep step = detail::step_from_dev(*st, beta1, beta2, eps);
   adamw(param_dt, state_dt, chunks, n_chunks, step, s);
 }
 

@@ -79,14 +79,7 @@ __global__ void __launch_bounds__(kThreads) adamw_dev_kernel(const AdamWChunk* _
                                                              double beta1, double beta2, double eps,
                                                              const AdamWStepDev* __restrict__ dst) {
   if (dst->skip) return;
-  AdamWStep st;
-  st.lr = dst->lr;
-  st.beta1 = beta1;
-  st.beta2 = beta2;
-  st.eps = eps;
-  st.bias_corr1 = dst->bias_corr1;
-  st.bias_corr2 = dst->bias_corr2;
-  st.grad_scale = dst->grad_scale;
+  const AdamWStep st = detail::step_from_dev(*dst, beta1, beta2, eps);
   adamw_body<P, S>(chunks, n_chunks, st);
 }
 
