@@ -15,6 +15,7 @@
 #include "models/generate.h"
 #include "models/gpt.h"
 #include "models/gpt_io.h"
+#include "models/inference.h"
 #include "models/tokenizer.h"
 #include "models/trainer.h"
 #include "runtime/device.h"
@@ -557,4 +558,25 @@ TEST_CASE("eval and generate vs transformers on the committed fixture (tests/dat
       CHECK(r.tokens[i] == ex["generate"][i]["tokens"].get<std::vector<int32_t>>());
     }
   }
+}
+
+TEST_CASE("eval: a PEFT LoRA directory loads unmerged onto its base and changes the scores") {
+  const std::string base = (fs::path(DEEPLORA_TEST_DATA) / "hf_tiny").string();
+  const std::string peft = (fs::path(DEEPLORA_TEST_DATA) / "peft_tiny" / "adapter").string();
+  test::TempDir dir;
+  Tokenizer tok = Tokenizer::from_dir(test::write_byte_vocab(dir.path / "vocab"));
+  McData data = load_mc_jsonl(write_mc(dir, "mc.jsonl", 12, 6), tok, 64);
+  LoadedModel plain = load_for_inference(base, "", DType::f32, Device::cpu);
+  LoadedModel lora = load_for_inference(base, peft, DType::f32, Device::cpu);
+  CHECK(lora.adapter.kind == "lora");
+  CHECK(lora.adapters.size() > 0);
+  McScores a = score_mc(*plain.model, data), b = score_mc(*lora.model, data);
+  CHECK(test::rel_err(b.logprob[0], a.logprob[0]) > 1e-4);  // the adapter is applied
+  // Merged at load: the same scores to rounding.
+  LoadedModel merged = load_for_inference(base, peft, DType::f32, Device::cpu, /*merge=*/true);
+  CHECK(merged.adapters.empty());
+  McScores c = score_mc(*merged.model, data);
+  for (size_t e = 0; e < data.examples.size(); ++e) CHECK(test::rel_err(c.logprob[e], b.logprob[e]) <= 1e-5);
+  CHECK(test::contains(test::error_of([&] { load_for_inference("", dir.path.string(), DType::f32, Device::cpu); }),
+                       "adapter_config.json: cannot open"));
 }
