@@ -336,8 +336,52 @@ void set_outer_trainable(const Adapters& adapters, bool t) {
 
 }  // namespace
 
+DeepLoraInit deeplora_gradsvd_init(Gpt& model, const AdapterOptions& o, const std::function<LossBatch()>& next_batch) {
+  o.validate();
+  check(o.kind == "deeplora" && !o.wide, "deeplora_gradsvd_init", "needs --adapter deeplora (compressed)");
+  std::vector<Linear*> layers = adapted_linears(model, o.adapt);
+  const Device dev = model.device();
+  DeepLoraInit out;
+  auto t0 = Clock::now();
+  std::vector<Tensor> G = weight_gradients(model, layers, next_batch, o.svd_batches);
+  // Data parallel: average G over the ranks' batches, so every rank derives the same A, B (the
+  // SVD and O are deterministic given G and the seed). A no-op for a world of one.
+  if (dist::ctx().world > 1) {
+    NoGrad ng;
+    for (Tensor& g : G) {
+      dist::all_reduce_sum(g);
+      g = ops::scale(g, 1.0 / double(dist::ctx().world));
+    }
+  }
+  sync_if_cuda(dev);
+  out.report.grad_seconds = seconds_since(t0);
+  t0 = Clock::now();
+  std::vector<linalg::Svd> svd = linalg::svd_topk_batched(G, o.rank);
+  G.clear();
+  for (size_t j = 0; j < layers.size(); ++j) {
+    Linear* l = layers[j];
+    Tensor O = deeplora_O(l->out_features(), l->in_features(), o.seed, int64_t(j), l->w->master.dtype(), dev);
+    DeepLoraFactors f = deeplora_closed_form(svd[j].U, svd[j].V, O);
+    out.report.n_completed += f.n_completed;
+    out.A.push_back(f.A);
+    out.B.push_back(f.B);
+  }
+  for (size_t j = 0; j < layers.size(); ++j) {  // one small download per layer, after all the work is queued
+    std::vector<double> S = svd[j].S.to_double();
+    const double tol = double(std::max(layers[j]->out_features(), layers[j]->in_features())) *
+                       (svd[j].S.dtype() == DType::f64 ? DBL_EPSILON : double(FLT_EPSILON));
+    for (double s : S)
+      if (!(s > tol * S[0])) ++out.report.n_null_singular;
+  }
+  sync_if_cuda(dev);
+  out.report.svd_seconds = seconds_since(t0);
+  out.report.n_layers = int64_t(layers.size());
+  return out;
+}
+
 Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
-                         const std::function<LossBatch()>& next_batch, AdapterInitReport* report) {
+                         const std::function<LossBatch()>& next_batch, AdapterInitReport* report,
+                         const DeepLoraInit* given) {
   o.validate();
   AdapterInitReport rep;
   if (o.kind == "none") {
@@ -386,40 +430,24 @@ Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
     }
     sync_if_cuda(dev);
     rep.svd_seconds = seconds_since(t0);
-  } else {  // gradsvd: DEEP_LORA.md steps 1-5
-    auto t0 = Clock::now();
-    std::vector<Tensor> G = weight_gradients(model, layers, next_batch, o.svd_batches);
-    // Data parallel: average G over the ranks' batches, so every rank derives the same A, B (the
-    // SVD and O are deterministic given G and the seed). A no-op for a world of one.
-    if (dist::ctx().world > 1) {
-      NoGrad ng;
-      for (Tensor& g : G) {
-        dist::all_reduce_sum(g);
-        g = ops::scale(g, 1.0 / double(dist::ctx().world));
-      }
-    }
-    sync_if_cuda(dev);
-    rep.grad_seconds = seconds_since(t0);
-    t0 = Clock::now();
-    std::vector<linalg::Svd> svd = linalg::svd_topk_batched(G, o.rank);
-    G.clear();
+  } else {  // gradsvd: DEEP_LORA.md steps 1-5 (steps 1-4 possibly done before, once for many runs)
+    DeepLoraInit computed;
+    if (!given) computed = deeplora_gradsvd_init(model, o, next_batch);
+    const DeepLoraInit& f = given ? *given : computed;
+    check(f.A.size() == layers.size() && f.B.size() == layers.size(), "attach_adapters",
+          fmt::format("the given Deep LoRA init has {} layers, --adapt {} selects {}", f.A.size(), o.adapt, layers.size()));
     for (size_t j = 0; j < layers.size(); ++j) {
       Linear* l = layers[j];
-      const int64_t m = l->out_features(), n = l->in_features();
-      Tensor O = deeplora_O(m, n, o.seed, int64_t(j), l->w->master.dtype(), dev);
-      DeepLoraFactors f = deeplora_closed_form(svd[j].U, svd[j].V, O);
-      rep.n_completed += f.n_completed;
-      out.push_back(std::make_shared<DeepLoraAdapter>(l->name, f.A, f.B, o.depth, o.eps));
+      check(f.A[j].shape() == Shape{l->out_features(), o.width()} && f.B[j].shape() == Shape{l->in_features(), o.width()},
+            "attach_adapters",
+            fmt::format("the given Deep LoRA init for {} has A {} and B {}, --rank {} needs [{}, {}] and [{}, {}]", l->name,
+                        f.A[j].desc(), f.B[j].desc(), o.rank, l->out_features(), o.width(), l->in_features(), o.width()));
+      out.push_back(std::make_shared<DeepLoraAdapter>(l->name, f.A[j], f.B[j], o.depth, o.eps));
     }
-    for (size_t j = 0; j < layers.size(); ++j) {  // one small download per layer, after all the work is queued
-      std::vector<double> S = svd[j].S.to_double();
-      const double tol = double(std::max(layers[j]->out_features(), layers[j]->in_features())) *
-                         (svd[j].S.dtype() == DType::f64 ? DBL_EPSILON : double(FLT_EPSILON));
-      for (double s : S)
-        if (!(s > tol * S[0])) ++rep.n_null_singular;
-    }
-    sync_if_cuda(dev);
-    rep.svd_seconds = seconds_since(t0);
+    rep.grad_seconds = f.report.grad_seconds;
+    rep.svd_seconds = f.report.svd_seconds;
+    rep.n_completed = f.report.n_completed;
+    rep.n_null_singular = f.report.n_null_singular;
   }
   if (o.kind == "deeplora" && !o.wide && o.outer_lr_scale == 0) set_outer_trainable(out, false);
   for (size_t j = 0; j < layers.size(); ++j) layers[j]->adapter = out[j];

@@ -160,14 +160,26 @@ struct DeepLoraFactors {
 };
 DeepLoraFactors deeplora_closed_form(const Tensor& U_r, const Tensor& V_r, const Tensor& O);
 
+// DEEP_LORA.md steps 1-4 for every layer o.adapt selects: the factors A [m, 2r] and B [n, 2r] of a
+// gradient-SVD Deep LoRA (the gradient pass over o.svd_batches batches, the SVDs, O, the closed form).
+// They depend on the batches, o.rank, o.seed, o.svd_batches and o.adapt alone, not on the depth, eps
+// or any learning rate: a sweep computes them once per training set and attaches many adapters.
+// The model is left as it was.
+struct DeepLoraInit {
+  std::vector<Tensor> A, B;      // per adapted layer, in model order
+  AdapterInitReport report;      // grad_seconds, svd_seconds, n_completed, n_null_singular, n_layers
+};
+DeepLoraInit deeplora_gradsvd_init(Gpt& model, const AdapterOptions& o, const std::function<LossBatch()>& next_batch);
+
 // Validates o against the model, freezes the base model (model.freeze_all()), builds one adapter per
 // selected layer and installs it as the layer's adapter. deeplora + gradsvd runs the initialization
 // pass first (next_batch gives a LossBatch on the model's device; dropout does not exist here).
 // kind "none" attaches nothing and leaves the model as it is. Throws std::invalid_argument with the
 // flag's name on bad options, and if the model already has adapters.
+// `given`: the factors of deeplora_gradsvd_init (same rank and adapt), used instead of running it.
 Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
                          const std::function<LossBatch()>& next_batch,
-                         AdapterInitReport* report = nullptr);
+                         AdapterInitReport* report = nullptr, const DeepLoraInit* given = nullptr);
 
 // Optimizer groups (weight decay 0): "adapter_inner" (K_i, lr_scale 1, or width_lr_ref / width when
 // width_lr_ref > 0), "adapter_outer" (A, Bt,

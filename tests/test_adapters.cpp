@@ -677,3 +677,28 @@ TEST_CASE("adapters: lora exports PEFT files (keys, shapes, config) that load ba
   CHECK(max_rel_diff(logits_of(model, batch), adapted) <= 1e-5);
   fs::remove_all(d);
 }
+
+TEST_CASE("adapters: a precomputed gradient-SVD init attaches the same Deep LoRA as computing it, at any depth") {
+  TokBatch batch = random_batch(2, 16, 21);
+  AdapterOptions o;
+  o.rank = 4;
+  o.seed = 9;
+  Gpt ref(tiny(), DType::f64, Device::cpu, 2), reuse(tiny(), DType::f64, Device::cpu, 2);
+  DeepLoraInit init = deeplora_gradsvd_init(reuse, o, fixed(batch));
+  CHECK(init.A.size() == 8);
+  CHECK(init.report.n_layers == 8);
+  for (auto& [n, p] : reuse.named_params()) CHECK_MESSAGE(!p->master.grad().defined(), n);  // no trace left
+  for (int depth : {3, 2}) {
+    CAPTURE(depth);
+    o.depth = depth;
+    Adapters a = attach_adapters(ref, o, fixed(batch));
+    Adapters b = attach_adapters(reuse, o, nullptr, nullptr, &init);
+    REQUIRE(a.size() == b.size());
+    for (size_t j = 0; j < a.size(); ++j) CHECK(a[j]->delta_weight().to_double() == b[j]->delta_weight().to_double());
+    detach_adapters(ref);
+    detach_adapters(reuse);
+  }
+  AdapterOptions wrong = o;
+  wrong.rank = 2;
+  CHECK(error_of([&] { attach_adapters(reuse, wrong, nullptr, nullptr, &init); }).find("--rank 2 needs") != std::string::npos);
+}
