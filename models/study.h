@@ -29,6 +29,7 @@ struct StudyMethod {
   int64_t steps = 0;           // fixed optimizer steps (0: the grid's rule)
   double weight_decay = 0;
   bool svd_all = false;        // Deep LoRA: the initialization gradient over the whole training set
+  bool is_full() const { return adapter.kind == "none"; }
   nlohmann::json options() const;  // what runs.jsonl records of it
 };
 
