@@ -7,6 +7,22 @@ find_package(CLI11 REQUIRED)
 find_package(Threads REQUIRED)  # the CPU GEMM splits large products over cores  # command-line flags of the tools
 find_package(PCRE2 REQUIRED)
 
+# OpenBLAS (Debian's libopenblas-dev), optional: the CPU's f32 GEMMs go through cblas_sgemm, 10-20x
+# the double-accumulating reference (which f64 and bf16 keep, and which f32 falls back to without it).
+option(DEEPLORA_BLAS "Use OpenBLAS for the CPU's f32 matrix products when it is installed" ON)
+set(DEEPLORA_HAVE_OPENBLAS OFF)
+if(DEEPLORA_BLAS)
+  find_package(PkgConfig QUIET)
+  if(PKG_CONFIG_FOUND)
+    pkg_check_modules(OPENBLAS QUIET IMPORTED_TARGET openblas)
+  endif()
+  if(OPENBLAS_FOUND)
+    set(DEEPLORA_HAVE_OPENBLAS ON)
+  else()
+    message(STATUS "deeplora: OpenBLAS not found (libopenblas-dev): the CPU's f32 GEMMs use the reference kernel")
+  endif()
+endif()
+
 set(DEEPLORA_HAVE_CUDA OFF)
 if(DEEPLORA_CUDA)
   include(CheckLanguage)

@@ -44,8 +44,10 @@ std::vector<double> all_params(Gpt& m) {
   return v;
 }
 
-// The reference: the trainer's former host-driven step.
-double host_step(Gpt& model, AdamW& opt, const std::vector<Batch>& micro, double lr, double clip, bool examples) {
+// The reference: the trainer's former host-driven step (example batches padded to the same number of
+// loss rows as TrainStep's, so both run the same products).
+double host_step(Gpt& model, AdamW& opt, const std::vector<Batch>& micro, double lr, double clip, int64_t loss_rows) {
+  const bool examples = loss_rows > 0;
   opt.zero_grad();
   double sum = 0;
   for (const Batch& b : micro) {
@@ -58,8 +60,10 @@ double host_step(Gpt& model, AdamW& opt, const std::vector<Batch>& micro, double
           rows.push_back(int32_t(i));
           tg.push_back(b.targets[i]);
         }
-      const int64_t n = int64_t(rows.size());
-      loss = model.loss_at(tok, Tensor::from_ints(rows, Shape{n}, model.device()), Tensor::from_ints(tg, Shape{n}, model.device()));
+      rows.resize(size_t(loss_rows), 0);
+      tg.resize(size_t(loss_rows), -100);
+      loss = model.loss_at(tok, Tensor::from_ints(rows, Shape{loss_rows}, model.device()),
+                           Tensor::from_ints(tg, Shape{loss_rows}, model.device()));
     } else {
       loss = model.loss(tok, Tensor::from_ints(b.targets, Shape{b.B, b.T}, model.device()));
     }
@@ -98,7 +102,7 @@ TEST_CASE("TrainStep: the same weights as the host-driven step, bit for bit (f32
         std::vector<Batch> micro;
         for (int64_t m = 0; m < accum; ++m) micro.push_back(make_batch(B, T, uint64_t(step * 10 + m), examples));
         const double lr = 3e-3 * (step + 1);
-        const double want = host_step(a, oa, micro, lr, so.clip, examples);
+        const double want = host_step(a, oa, micro, lr, so.clip, so.loss_rows);
         TrainStep::Result r = ts.run(micro, lr);
         CHECK_FALSE(r.skipped);
         CHECK(r.loss == doctest::Approx(want).epsilon(1e-12));

@@ -13,6 +13,10 @@
 #include <thread>
 #include <vector>
 
+#ifdef DEEPLORA_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
+
 namespace deeplora::kernels::cpu {
 namespace {
 
@@ -76,6 +80,28 @@ template <class T> void gemm_typed(const Gemm& g) {
   }
 }
 
+#ifdef DEEPLORA_HAVE_OPENBLAS
+// f32 through cblas_sgemm (f32 accumulation, blocked and threaded by OpenBLAS): C = alpha op(A)
+// op(B) + beta Cin (+ bias). An addend apart from C is copied into C first; beta = 0 never reads C.
+void gemm_blas_f32(const Gemm& g) {
+  const float* bias = static_cast<const float*>(g.bias);
+  for (int64_t bi = 0; bi < g.batch; ++bi) {
+    const float* A = static_cast<const float*>(g.A) + bi * g.strideA;
+    const float* B = static_cast<const float*>(g.B) + bi * g.strideB;
+    float* C = static_cast<float*>(g.C) + bi * g.strideC;
+    if (g.beta != 0.0 && g.Cin && g.Cin != g.C) {
+      const float* Cin = static_cast<const float*>(g.Cin) + bi * g.strideC;
+      for (int64_t i = 0; i < g.M; ++i) std::memmove(C + i * g.ldc, Cin + i * g.ldc, size_t(g.N) * sizeof(float));
+    }
+    cblas_sgemm(CblasRowMajor, g.ta ? CblasTrans : CblasNoTrans, g.tb ? CblasTrans : CblasNoTrans, int(g.M), int(g.N),
+                int(g.K), float(g.alpha), A, int(g.lda), B, int(g.ldb), float(g.beta), C, int(g.ldc));
+    if (bias)
+      for (int64_t i = 0; i < g.M; ++i)
+        for (int64_t j = 0; j < g.N; ++j) C[i * g.ldc + j] += bias[j];
+  }
+}
+#endif
+
 void check_attention(const char* op, int64_t B, int64_t T, int64_t C, int64_t H) {
   if (B < 0 || T < 0 || C <= 0 || H <= 0 || C % H != 0)
     throw std::invalid_argument(fmt::format(
@@ -88,6 +114,10 @@ void check_attention(const char* op, int64_t B, int64_t T, int64_t C, int64_t H)
 void gemm(const Gemm& g, cudaStream_t) {
   check_gemm(g);
   if (g.M == 0 || g.N == 0 || g.batch == 0) return;
+#ifdef DEEPLORA_HAVE_OPENBLAS
+  if (g.dt == DType::f32 && g.K > 0 && g.M * g.N * g.K >= 4096 && std::max({g.M, g.N, g.K, g.lda, g.ldb, g.ldc}) < (int64_t(1) << 31))
+    return gemm_blas_f32(g);
+#endif
   // Rows of C are independent: large products are split into row ranges, one thread each. Every
   // element is still summed by one thread in the same order, so results do not depend on threads.
   const int64_t work = g.batch * g.M * g.N * std::max<int64_t>(g.K, 1);
