@@ -18,6 +18,8 @@ namespace {
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
 
+constexpr double kDivergedFactor = 1e6;  // a train loss this far above its minimum: diverged
+
 int64_t parse_int(const std::string& flag, const std::string& v) {
   size_t pos = 0;
   long long x = 0;
@@ -81,7 +83,7 @@ std::string usage() {
   --impl fused|tape   step: hand-fused, or op by op on the tape (fused)   --init auto|exact|implicit   compressed init (auto)
   --eval-sample N  recovery error on N sampled unobserved entries (0 exact; default exact up to d = 20000)
   --svd-iters N    power iterations of the sparse randomized SVD (8)   --quiet
-exit status: 0 ok, 2 bad input, 3 diverged (non-finite loss), 1 other errors)";
+exit status: 0 ok, 2 bad input, 3 diverged (a non-finite loss, or one 1e6x above its minimum), 1 other errors)";
 }
 
 Config parse_args(const std::vector<std::string>& args) {
@@ -177,13 +179,17 @@ void validate(const Config& c) {
   if (!(std::isfinite(c.eps) && c.eps > 0)) bad(fmt::format("--eps {} must be a positive finite number", c.eps));
   if (!(std::isfinite(c.lr) && c.lr > 0)) bad(fmt::format("--lr {} must be a positive finite number", c.lr));
   if (!(std::isfinite(c.gamma) && c.gamma >= 0)) bad(fmt::format("--gamma {} must be finite and >= 0", c.gamma));
+  constexpr int64_t kMaxCount = int64_t(1) << 40;
   if (c.iters < 0) bad(fmt::format("--iters {} must be >= 0", c.iters));
+  if (c.iters > kMaxCount) bad(fmt::format("--iters {} must be at most 2^40", c.iters));
   if (!(std::isfinite(c.tol) && c.tol >= 0)) bad(fmt::format("--tol {} must be finite and >= 0", c.tol));
   if (c.log_every < 1) bad(fmt::format("--log-every {} must be >= 1", c.log_every));
+  if (c.log_every > kMaxCount) bad(fmt::format("--log-every {} must be at most 2^40", c.log_every));
   if (c.svd_iters < 0 || c.svd_iters > 1000) bad(fmt::format("--svd-iters {} must be in [0, 1000]", c.svd_iters));
   if (c.target.empty() && c.method != Method::compressed && c.d > 20000)
     bad(fmt::format("--d {} is too large for the original model (L dense d x d factors); use --method compressed", c.d));
   if (c.eval_sample < -1) bad(fmt::format("--eval-sample {} must be >= 0", c.eval_sample));
+  if (c.eval_sample > (int64_t(1) << 31)) bad(fmt::format("--eval-sample {} must be at most 2^31", c.eval_sample));
 }
 
 double auto_lr(int64_t d, double p) { return 5e3 * std::pow(double(d) / 1000.0, 4.0 / 3.0) * (0.2 / p); }
@@ -266,6 +272,7 @@ std::vector<RunResult> run(const Config& c0, std::FILE* out) {
       double train_s = 0;
       int64_t it = 0;
       Metrics met;
+      double min_loss = -1, first_loss = 0;  // lowest train loss logged so far (-1: none yet)
       auto log_point = [&] {
         eval.run();
         met = model->read_metrics();
@@ -276,6 +283,17 @@ std::vector<RunResult> run(const Config& c0, std::FILE* out) {
         if (!std::isfinite(met.train_loss) || !std::isfinite(met.recovery))
           throw Diverged(fmt::format("{} diverged by iteration {}: train loss {}, recovery error {} (lower --lr {})",
                                      res.method, it, met.train_loss, met.recovery, c.lr));
+        // A loss that explodes but stays finite (0.1 -> 1e10) has diverged too: 1e6 x its lowest value so
+        // far. The floor (1e-12 of the first loss) keeps round-off around a converged ~0 from counting.
+        if (min_loss < 0) {
+          first_loss = min_loss = met.train_loss;
+        } else {
+          if (met.train_loss > kDivergedFactor * std::max(min_loss, 1e-12 * first_loss))
+            throw Diverged(fmt::format("{} diverged by iteration {}: train loss {:.6g} is more than {:g}x its lowest "
+                                       "{:.6g} (lower --lr {})",
+                                       res.method, it, met.train_loss, kDivergedFactor, min_loss, c.lr));
+          min_loss = std::min(min_loss, met.train_loss);
+        }
       };
       eval.run();  // warm-up of the evaluation graph (it is captured on the next call)
       log_point();

@@ -70,7 +70,16 @@ GptConfig GptConfig::from_json_file(const std::string& path) {
   get("n_embd", c.n_embd, true);
   get("vocab_size", c.vocab_size, true);
   get("n_positions", c.n_positions, false);
-  if (j.contains("layer_norm_epsilon")) c.layer_norm_epsilon = j["layer_norm_epsilon"].get<double>();
+  if (j.contains("layer_norm_epsilon")) {
+    if (!j["layer_norm_epsilon"].is_number())
+      throw std::runtime_error(fmt::format("{}: field 'layer_norm_epsilon' is not a number", path));
+    c.layer_norm_epsilon = j["layer_norm_epsilon"].get<double>();
+  }
+  if (j.contains("tie_word_embeddings")) {
+    if (!j["tie_word_embeddings"].is_boolean())
+      throw std::runtime_error(fmt::format("{}: field 'tie_word_embeddings' is not true or false", path));
+    c.tie_word_embeddings = j["tie_word_embeddings"].get<bool>();
+  }
   if (j.contains("activation_function") && j["activation_function"] != "gelu_new")
     throw std::runtime_error(fmt::format("{}: activation_function {} is not supported (gelu_new only)", path,
                                          j["activation_function"].dump()));
@@ -91,7 +100,7 @@ void GptConfig::save_json_file(const std::string& path) const {
                       {"activation_function", "gelu_new"},
                       {"resid_pdrop", 0.0},         {"embd_pdrop", 0.0},
                       {"attn_pdrop", 0.0},          {"initializer_range", 0.02},
-                      {"tie_word_embeddings", true}, {"bos_token_id", 50256},
+                      {"tie_word_embeddings", tie_word_embeddings}, {"bos_token_id", 50256},
                       {"eos_token_id", 50256}};
   write_file_atomic(path, j.dump(2) + "\n");
 }
@@ -99,12 +108,13 @@ void GptConfig::save_json_file(const std::string& path) const {
 int64_t GptConfig::n_params() const {
   const int64_t C = n_embd;
   const int64_t block = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C);
-  return vocab_size * C + n_positions * C + n_layer * block + 2 * C;
+  return vocab_size * C * (tie_word_embeddings ? 1 : 2) + n_positions * C + n_layer * block + 2 * C;
 }
 
 std::string GptConfig::str() const {
-  return fmt::format("GPT-2 n_layer={} n_head={} n_embd={} vocab={} n_positions={} ({:.1f}M params)", n_layer, n_head,
-                     n_embd, vocab_size, n_positions, double(n_params()) / 1e6);
+  return fmt::format("GPT-2 n_layer={} n_head={} n_embd={} vocab={} n_positions={}{} ({:.1f}M params)", n_layer, n_head,
+                     n_embd, vocab_size, n_positions, tie_word_embeddings ? "" : " untied lm_head",
+                     double(n_params()) / 1e6);
 }
 
 // ---- model ----------------------------------------------------------------------------------------
@@ -142,6 +152,10 @@ Gpt::Gpt(const GptConfig& cfg, DType compute, Device dev, uint64_t seed) : cfg_(
   }
   constant(lnf_w_, {C}, 1.0);
   constant(lnf_b_, {C}, 0.0);
+  if (!cfg_.tie_word_embeddings) {  // HF initializes an untied head like wte (normal 0.02)
+    normal(lm_head_, {Vp, C}, 0.02);
+    if (Vp > V) lm_head_.master.slice0(V, Vp).fill(0.0);
+  }
   for (size_t i = 0; i < blocks_.size(); ++i) {
     Block& b = blocks_[i];
     std::string h = fmt::format("h.{}.", i);
@@ -178,6 +192,7 @@ std::vector<std::pair<std::string, Param*>> Gpt::named_params() {
   }
   v.emplace_back("ln_f.weight", &lnf_w_);
   v.emplace_back("ln_f.bias", &lnf_b_);
+  if (!cfg_.tie_word_embeddings) v.emplace_back("lm_head.weight", &lm_head_);
   return v;
 }
 
@@ -253,11 +268,13 @@ Tensor Gpt::apply_linear(Linear& l, const Tensor& x, const Tensor& residual) {
 }
 
 Tensor Gpt::forward(const Tensor& tokens) {
-  Tensor lp = forward_padded(tokens);
   const int64_t V = cfg_.vocab_size, Vp = cfg_.padded_vocab();
-  if (Vp == V) return lp;
-  // Drop the padding columns (a host copy: forward() serves tools and tests, training uses the padded form).
+  if (Vp == V) return forward_padded(tokens);
+  // Drop the padding columns (a host copy: forward() serves tools and tests, training uses the padded
+  // form). The copy is not differentiable, so the whole forward runs without the tape: recording it
+  // would leave nodes behind that no backward ever consumes.
   NoGrad ng;
+  Tensor lp = forward_padded(tokens);
   Tensor h = lp.to(Device::cpu);
   const int64_t rows = h.numel() / Vp;
   Tensor o = Tensor::empty(Shape{rows, V}, h.dtype(), Device::cpu);
@@ -272,8 +289,10 @@ Tensor Gpt::forward(const Tensor& tokens) {
 
 Tensor Gpt::forward_padded(const Tensor& tokens) {
   Tensor wte = work(wte_);  // used twice (embedding and tied lm_head): one cast per step
-  return ops::linear(hidden_with(tokens, wte), wte);
+  return ops::linear(hidden_with(tokens, wte), head(wte));
 }
+
+Tensor Gpt::head(const Tensor& wte) { return cfg_.tie_word_embeddings ? wte : work(lm_head_); }
 
 Tensor Gpt::blocks(Tensor x, const std::function<Tensor(size_t, const Tensor&)>& attn) {
   const double eps = cfg_.layer_norm_epsilon;
@@ -301,7 +320,7 @@ Tensor Gpt::hidden_with(const Tensor& tokens, const Tensor& wte) {
   return blocks(x, [H](size_t, const Tensor& qkv) { return ops::attention(qkv, H); });
 }
 
-Tensor Gpt::lm_head(const Tensor& h) { return ops::linear(h, work(wte_)); }
+Tensor Gpt::lm_head(const Tensor& h) { return ops::linear(h, cfg_.tie_word_embeddings ? work(wte_) : work(lm_head_)); }
 
 KvCache Gpt::make_cache(int64_t B, int64_t T_max) const {
   check(B > 0 && T_max > 0 && T_max <= cfg_.n_positions, "Gpt::make_cache",
@@ -342,7 +361,7 @@ Tensor Gpt::loss_at(const Tensor& tokens, const Tensor& rows, const Tensor& targ
   Tensor wte = work(wte_);
   Tensor h = hidden_with(tokens, wte);
   Tensor picked = ops::embedding(rows.reshape(Shape{1, N}), ops::reshape(h, Shape{B * T, cfg_.n_embd}));
-  return ops::cross_entropy(ops::linear(picked, wte), targets.reshape(Shape{1, N}), -100, cfg_.vocab_size);
+  return ops::cross_entropy(ops::linear(picked, head(wte)), targets.reshape(Shape{1, N}), -100, cfg_.vocab_size);
 }
 
 Tensor Gpt::loss(const Tensor& tokens, const Tensor& targets) {

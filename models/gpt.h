@@ -1,5 +1,6 @@
 // GPT-2 (Hugging Face GPT2LMHeadModel layout): learned positions, pre-LayerNorm blocks, fused qkv,
-// GELU(tanh) MLP, final ln_f, lm_head tied to wte. Parameters are f32 masters with HF names; the
+// GELU(tanh) MLP, final ln_f, lm_head tied to wte (or its own lm_head.weight when
+// tie_word_embeddings is false). Parameters are f32 masters with HF names; the
 // forward runs in the compute dtype (bf16 casts recorded on the tape, like autocast).
 #pragma once
 #include <functional>
@@ -15,6 +16,7 @@ namespace deeplora {
 struct GptConfig {
   int64_t n_layer = 12, n_head = 12, n_embd = 768, vocab_size = 50257, n_positions = 1024;
   double layer_norm_epsilon = 1e-5;
+  bool tie_word_embeddings = true;  // false: a separate lm_head.weight [vocab, n_embd] (HF's untied head)
   // "gpt2" / "gpt2-small" (124M), "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny" (2x64, vocab 512).
   static GptConfig preset(const std::string& name);
   static GptConfig from_json_file(const std::string& path);  // HF config.json
@@ -105,7 +107,8 @@ class Gpt {
   Tensor loss(const LossBatch& b) { return b.rows.defined() ? loss_at(b.tokens, b.rows, b.targets) : loss(b.tokens, b.targets); }
   // Mean cross-entropy of next-token targets [B, T] (i32, -100 = ignore), f32 (f64 for f64 models).
   Tensor loss(const Tensor& tokens, const Tensor& targets);
-  // All parameters in HF order with HF names ("wte.weight", "h.0.ln_1.weight", ...).
+  // All parameters in HF order with HF names ("wte.weight", "h.0.ln_1.weight", ..., "ln_f.bias", and
+  // "lm_head.weight" last when the head is untied; it is padded to padded_vocab() rows like wte).
   std::vector<std::pair<std::string, Param*>> named_params();
   Param& param(const std::string& name);  // throws naming the parameter
   std::vector<Linear*> linears();  // every linear of the blocks, in order
@@ -126,6 +129,7 @@ class Gpt {
     Linear c_attn, c_proj, c_fc, mlp_proj;
   };
   Tensor work(Param& p);  // the compute-dtype tensor of p for this forward
+  Tensor head(const Tensor& wte);  // the lm_head's weight: wte's work tensor when tied
   // The blocks and ln_f over embedded x [B, T, C]; attn(layer, qkv) is the attention of one block.
   Tensor hidden_with(const Tensor& tokens, const Tensor& wte);
   Tensor blocks(Tensor x, const std::function<Tensor(size_t, const Tensor&)>& attn);
@@ -136,6 +140,7 @@ class Gpt {
   DType compute_;
   Device dev_;
   Param wte_, wpe_, lnf_w_, lnf_b_;
+  Param lm_head_;  // untied head only (cfg_.tie_word_embeddings false)
   std::vector<Block> blocks_;
 };
 

@@ -47,11 +47,16 @@ void load_hf_weights(Gpt& model, const std::string& path) {
   };
   for (auto& [name, p] : model.named_params()) {
     const Tensor* src = lookup(name);
-    if (!src) throw std::runtime_error(fmt::format("{}: missing tensor '{}' (or 'transformer.{}')", path, name, name));
+    if (!src)
+      throw std::runtime_error(fmt::format("{}: missing tensor '{}' (or 'transformer.{}'){}", path, name, name,
+                                           name == "lm_head.weight" ? " (config.json says tie_word_embeddings: false, "
+                                                                      "so the model has its own head)"
+                                                                    : ""));
     Tensor t = is_conv1d_weight(name) && src->ndim() == 2 ? transpose2d_host(*src) : *src;
     // wte is stored padded to a multiple of 64 rows here; HF files hold the real vocabulary.
     const int64_t Vp = model.config().padded_vocab(), V = model.config().vocab_size;
-    if (name == "wte.weight" && Vp != V && t.ndim() == 2 && t.dim(0) == V && t.dim(1) == p->master.dim(1)) {
+    const bool vocab_rows = name == "wte.weight" || name == "lm_head.weight";
+    if (vocab_rows && Vp != V && t.ndim() == 2 && t.dim(0) == V && t.dim(1) == p->master.dim(1)) {
       Tensor padded = Tensor::zeros(p->master.shape(), t.dtype(), Device::cpu);
       padded.slice0(0, V).copy_from(t);
       t = padded;
@@ -73,7 +78,10 @@ void load_hf_weights(Gpt& model, const std::string& path) {
     if (used.count(key)) continue;
     std::string k = key.rfind("transformer.", 0) == 0 ? key.substr(12) : key;
     bool buffer = k.find(".attn.bias") != std::string::npos || k.find(".attn.masked_bias") != std::string::npos;
-    if (buffer || k == "lm_head.weight") continue;
+    if (buffer) continue;
+    // A tied head (tie_word_embeddings true, HF's default) is wte: a stored copy is ignored, as
+    // transformers does. An untied one is loaded above as lm_head.weight.
+    if (k == "lm_head.weight" && model.config().tie_word_embeddings) continue;
     throw std::runtime_error(fmt::format("{}: unexpected tensor '{}' (not part of a GPT-2 with this config)", path, key));
   }
   model.invalidate_frozen_cache();
@@ -94,8 +102,10 @@ NamedTensors hf_state_dict(Gpt& model) {
   NamedTensors out;
   for (auto& [name, p] : model.named_params()) {
     Tensor h = p->master.to(Device::cpu).to(DType::f32);
-    if (name == "wte.weight") h = h.slice0(0, model.config().vocab_size).clone();  // drop the padding rows
-    out.emplace_back("transformer." + name, is_conv1d_weight(name) ? transpose2d_host(h) : h);
+    if (name == "wte.weight" || name == "lm_head.weight")
+      h = h.slice0(0, model.config().vocab_size).clone();  // drop the padding rows
+    // HF keeps the head outside the transformer module: "lm_head.weight", not "transformer.lm_head.weight".
+    out.emplace_back(name == "lm_head.weight" ? name : "transformer." + name, is_conv1d_weight(name) ? transpose2d_host(h) : h);
   }
   return out;
 }

@@ -23,6 +23,7 @@
 #include "runtime/dist.h"
 #include "runtime/io/atomic_file.h"
 #include "runtime/io/dataloader.h"
+#include "runtime/io/run_dir.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/io/staging.h"
 #include "runtime/ops.h"
@@ -78,18 +79,39 @@ bool examples_data(const std::vector<std::string>& paths, const char* flag) {
   return n_jsonl > 0;
 }
 
+// Every input file exists and is a regular file: a directory or a typo is an error naming the flag,
+// before anything is loaded.
+void check_input_file(const std::string& p, const char* flag) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(p, ec);
+  if (!fs::exists(st)) throw std::invalid_argument(fmt::format("{} {}: no such file", flag, p));
+  if (fs::is_directory(st))
+    throw std::invalid_argument(fmt::format("{} {}: is a directory; give the files in it (e.g. {}/*.bin or "
+                                            "{}/*.jsonl)", flag, p, p, p));
+  if (!fs::is_regular_file(st)) throw std::invalid_argument(fmt::format("{} {}: not a regular file", flag, p));
+}
+
+// Token ids against the model's vocabulary (V rows of wte): the first bad one names the file and
+// where it is (a line of JSONL, a token position of a stream).
+void check_ids(const std::vector<int32_t>& toks, int64_t V, const std::string& where, const Tokenizer* tok) {
+  for (size_t i = 0; i < toks.size(); ++i)
+    if (toks[i] < 0 || toks[i] >= V)
+      throw std::runtime_error(fmt::format(
+          "{}: token id {} at position {} is outside the model's vocabulary of {}{}", where, toks[i], i, V,
+          tok ? fmt::format(" (the tokenizer has {} ids: give the model's own --vocab-dir)", tok->vocab_size()) : ""));
+}
+void check_example_ids(const std::vector<Example>& ex, int64_t V, const std::string& path, const Tokenizer* tok) {
+  for (const Example& e : ex) check_ids(e.tokens, V, e.line ? fmt::format("{}:{}", path, e.line) : path, tok);
+}
+
 // Splits data into train / val: examples by count, token streams by position (the tail is val).
 // DP: train and val are sharded by rank; a val batch is shrunk so every rank gets at least one.
+// Every token id of both is checked against the vocabulary here, before step 1.
 Data make_data(const TrainOptions& o, const TrainInputs& in, const Tokenizer* tok, int64_t V,
                const dist::Context& dc) {
   Data d;
   if (tok && tok->eot_id() >= 0) d.pad = tok->eot_id();
-  auto check_ids = [&](const std::vector<int32_t>& toks, const std::string& what) {
-    for (size_t i = 0; i < toks.size(); ++i)
-      if (toks[i] < 0 || toks[i] >= V)
-        throw std::runtime_error(fmt::format("{}: token id {} at position {} is outside the model's vocabulary ({})",
-                                             what, toks[i], i, V));
-  };
+  if (d.pad >= V) d.pad = 0;  // padding is masked out of the loss, but must still index wte
   const bool in_memory = !in.train.empty();
   if (!in_memory && o.data.empty()) throw std::invalid_argument("train: no --data given");
   const bool examples = in_memory || examples_data(o.data, "--data");
@@ -100,32 +122,49 @@ Data make_data(const TrainOptions& o, const TrainInputs& in, const Tokenizer* to
     if (in_memory) {
       ex = in.train;
       val = in.val;
+      check_example_ids(ex, V, "training examples", tok);
+      check_example_ids(val, V, "validation examples", tok);
     } else {
       if (!tok) throw std::invalid_argument(fmt::format("{}: JSONL data needs a tokenizer (--vocab-dir)", o.data[0]));
-      ex = load_examples(o.data, *tok, o.seq_len, &d.n_cut);
-      if (!o.val_data.empty()) val = load_examples(o.val_data, *tok, o.seq_len);
+      // File by file, so an error names the file the example came from.
+      auto load = [&](const std::vector<std::string>& paths, std::vector<Example>& dst, int64_t* n_cut) {
+        for (const std::string& p : paths) {
+          int64_t cut = 0;
+          std::vector<Example> e = load_examples({p}, *tok, o.seq_len, &cut);
+          check_example_ids(e, V, p, tok);
+          if (n_cut) *n_cut += cut;
+          dst.insert(dst.end(), std::make_move_iterator(e.begin()), std::make_move_iterator(e.end()));
+        }
+      };
+      load(o.data, ex, &d.n_cut);
+      if (!o.val_data.empty()) load(o.val_data, val, nullptr);
       else if (o.val_fraction > 0 && ex.size() >= 2) {
-        size_t nv = std::max<size_t>(1, size_t(double(ex.size()) * o.val_fraction));
+        const size_t nv = std::min(ex.size() - 1, std::max<size_t>(1, size_t(double(ex.size()) * o.val_fraction)));
         val.assign(ex.end() - int64_t(nv), ex.end());
         ex.resize(ex.size() - nv);
       }
     }
-    for (const auto* set : {&ex, &val})
-      for (const Example& e : *set) check_ids(e.tokens, fmt::format("{} (line {})", o.data.empty() ? "data" : o.data[0], e.line));
     const std::string what = o.data.empty() ? std::string("training examples") : o.data[0];
     d.train = DataLoader::from_examples(std::move(ex), o.batch, o.seq_len, d.pad, o.seed, dc.rank, dc.world, what);
     if (const int64_t vb = std::min<int64_t>(o.batch, int64_t(val.size()) / dc.world); vb > 0)
       d.val = DataLoader::from_examples(std::move(val), vb, o.seq_len, d.pad, 0, dc.rank, dc.world, "validation data");
   } else {
-    auto toks = load_token_stream(o.data, tok);
-    check_ids(toks, o.data[0]);
+    auto load = [&](const std::vector<std::string>& paths) {
+      std::vector<int32_t> all;
+      for (const std::string& p : paths) {
+        std::vector<int32_t> t = load_token_stream({p}, tok);
+        check_ids(t, V, p, ends_with(p, ".bin") ? nullptr : tok);
+        all.insert(all.end(), t.begin(), t.end());
+      }
+      return all;
+    };
+    auto toks = load(o.data);
     std::vector<int32_t> val;
     if (!o.val_data.empty()) {
-      val = load_token_stream(o.val_data, tok);
-      check_ids(val, o.val_data[0]);
+      val = load(o.val_data);
     } else if (o.val_fraction > 0) {
       size_t nv = size_t(double(toks.size()) * o.val_fraction);
-      if (nv > size_t(o.seq_len) + 1) {
+      if (nv > size_t(o.seq_len) + 1 && nv < toks.size()) {
         val.assign(toks.end() - int64_t(nv), toks.end());
         toks.resize(toks.size() - nv);
       }
@@ -206,38 +245,103 @@ Tensor batch_loss(Gpt& model, const Tensors2& t) {
   return t.rows.defined() ? model.loss_at(t.in, t.rows, t.tgt) : model.loss(t.in, t.tgt);
 }
 
+// The validation loss: the mean over every loss token of the first n batches (token-weighted, so one
+// process and N ranks at the same global batch agree for examples of varied lengths too).
 double evaluate(Gpt& model, DataLoader& val, int64_t n_batches) {
   NoGrad ng;
   val.seek(0, 0);
   const int64_t n = std::min<int64_t>(n_batches, val.batches_per_epoch());
-  double sum = 0;
+  double sum = 0, count = 0;
   for (int64_t i = 0; i < n; ++i) {
-    auto t = to_device(val.next(), model.device(), val.is_examples());
-    sum += batch_loss(model, t).item();
+    const Batch b = val.next();
+    const double k = double(b.n_loss_tokens());
+    if (k == 0) continue;
+    auto t = to_device(b, model.device(), val.is_examples());
+    sum += batch_loss(model, t).item() * k;
+    count += k;
   }
-  // DP: each rank took its shard of the same n global batches; the mean is over all of them.
-  const int world = dist::ctx().world;
-  return dist::all_reduce_scalar(sum) / double(std::max<int64_t>(n, 1) * world);
+  // DP: each rank took its shard of the same n global batches.
+  sum = dist::all_reduce_scalar(sum);
+  count = dist::all_reduce_scalar(count);
+  return count > 0 ? sum / count : NAN;
+}
+
+// ---- checkpoints -----------------------------------------------------------------------------------
+
+// The first non-finite element of a host tensor (f32, bf16, f64; i32 has none), or -1.
+int64_t first_non_finite(const Tensor& h) {
+  const int64_t n = h.numel();
+  switch (h.dtype()) {
+    case DType::f32: {
+      const float* p = h.data_as<float>();
+      for (int64_t i = 0; i < n; ++i)
+        if (!std::isfinite(p[i])) return i;
+      return -1;
+    }
+    case DType::f64: {
+      const double* p = h.data_as<double>();
+      for (int64_t i = 0; i < n; ++i)
+        if (!std::isfinite(p[i])) return i;
+      return -1;
+    }
+    case DType::bf16: {
+      const uint16_t* p = h.data_as<uint16_t>();
+      for (int64_t i = 0; i < n; ++i)
+        if ((p[i] & 0x7F80u) == 0x7F80u) return i;  // exponent all ones: inf or NaN
+      return -1;
+    }
+    default: return -1;
+  }
+}
+
+// Host copies of `ts`, throwing naming `what` and the tensor if any holds a non-finite value: what a
+// checkpoint, final/ or best/ is written from, so none is ever written holding one.
+NamedTensors finite_host_copies(const NamedTensors& ts, const std::string& what) {
+  NamedTensors out;
+  out.reserve(ts.size());
+  for (const auto& [name, t] : ts) {
+    Tensor h = t.to(Device::cpu);  // the tensor itself when it is on the host already
+    if (const int64_t i = first_non_finite(h); i >= 0)
+      throw std::runtime_error(fmt::format("{}: tensor '{}' holds a non-finite value (element {} of {})", what, name, i,
+                                           h.shape().str()));
+    out.emplace_back(name, h);
+  }
+  return out;
+}
+NamedTensors model_state(Gpt& model, const Adapters& adapters) {
+  NamedTensors w;
+  for (auto& [name, p] : model.named_params()) w.emplace_back(name, p->master);
+  for (auto& [n, t] : adapter_state(adapters)) w.emplace_back(n, t);
+  return w;
 }
 
 // Checkpoints: out/ckpt-<step>/{model,optim}.safetensors + trainer.json, then out/latest names the
 // directory (written atomically last), so a crash anywhere leaves the previous checkpoint in force.
+// Every tensor is checked finite first: a checkpoint that would hold a NaN is not written at all and
+// the run stops (latest still names the last good one).
 // (epoch, position): where the data loader resumes, i.e. before any batch fetched ahead.
 void save_checkpoint(const TrainOptions& o, Gpt& model, const Adapters& adapters, AdamW& opt, int64_t step,
                      int64_t epoch, int64_t position) {
-  fs::path dir = fs::path(o.out_dir) / fmt::format("ckpt-{:08d}", step);
+  const fs::path dir = fs::path(o.out_dir) / fmt::format("ckpt-{:08d}", step);
+  std::string prev;
+  if (std::ifstream f(fs::path(o.out_dir) / "latest"); f) std::getline(f, prev);
+  NamedTensors weights, state;
+  try {
+    weights = finite_host_copies(model_state(model, adapters), dir.string() + "/model.safetensors");
+    state = finite_host_copies(opt.state_tensors(), dir.string() + "/optim.safetensors");
+  } catch (const std::exception& e) {
+    throw std::runtime_error(fmt::format(
+        "train: the checkpoint of step {} was not written: the weights went non-finite ({}); lower --lr (now {}), add "
+        "--warmup or --clip, or train in --dtype f32{}",
+        step, e.what(), o.lr, prev.empty() ? "" : fmt::format("; {}/latest still names {}", o.out_dir, prev)));
+  }
   fs::create_directories(dir);
-  NamedTensors weights;
-  for (auto& [name, p] : model.named_params()) weights.emplace_back(name, p->master);
-  for (auto& [n, t] : adapter_state(adapters)) weights.emplace_back(n, t);
   save_safetensors((dir / "model.safetensors").string(), weights);
-  save_safetensors((dir / "optim.safetensors").string(), opt.state_tensors());
+  save_safetensors((dir / "optim.safetensors").string(), state);
   nlohmann::json j = {{"step", step}, {"epoch", epoch}, {"position", position}, {"seed", o.seed},
                       {"optimizer_steps", opt.step_count()}};
   write_file_atomic((dir / "trainer.json").string(), j.dump(2));
   model.config().save_json_file((dir / "config.json").string());
-  std::string prev;
-  if (std::ifstream f(fs::path(o.out_dir) / "latest"); f) std::getline(f, prev);
   write_file_atomic((fs::path(o.out_dir) / "latest").string(), dir.filename().string() + "\n");
   // Keep the previous checkpoint too; drop older ones.
   for (auto& e : fs::directory_iterator(o.out_dir)) {
@@ -246,48 +350,101 @@ void save_checkpoint(const TrainOptions& o, Gpt& model, const Adapters& adapters
   }
 }
 
-int64_t load_checkpoint(const TrainOptions& o, Gpt& model, const Adapters& adapters, AdamW& opt, DataLoader& dl) {
-  fs::path latest = fs::path(o.out_dir) / "latest";
-  std::ifstream f(latest);
-  if (!f) throw std::runtime_error(fmt::format("{}: no checkpoint to resume from", latest.string()));
-  std::string name;
-  std::getline(f, name);
-  fs::path dir = fs::path(o.out_dir) / name;
-  if (name.empty() || !fs::is_directory(dir))
-    throw std::runtime_error(fmt::format("{}: names '{}', which is not a checkpoint directory", latest.string(), name));
-  std::ifstream tj(dir / "trainer.json");
-  nlohmann::json j;
+// A checkpoint read and checked whole (trainer.json, both safetensors files, every shape the model
+// needs, every value finite) before anything is copied into the model.
+struct Checkpoint {
+  fs::path dir;
+  nlohmann::json trainer;
+  SafetensorsFile weights, optim;
+};
+
+Checkpoint read_checkpoint(const fs::path& dir, Gpt& model) {
+  Checkpoint c;
+  c.dir = dir;
+  if (!fs::is_directory(dir)) throw std::runtime_error(fmt::format("{}: not a checkpoint directory", dir.string()));
+  const fs::path tj = dir / "trainer.json";
+  std::ifstream f(tj);
+  if (!f) throw std::runtime_error(fmt::format("{}: cannot open", tj.string()));
   try {
-    j = nlohmann::json::parse(tj);
+    c.trainer = nlohmann::json::parse(f);
+    for (const char* k : {"step", "epoch", "position", "optimizer_steps"})
+      if (!c.trainer.contains(k) || !c.trainer[k].is_number_integer() || c.trainer[k].get<int64_t>() < 0)
+        throw std::runtime_error(fmt::format("field '{}' is missing or not a non-negative integer", k));
   } catch (const std::exception& e) {
-    throw std::runtime_error(fmt::format("{}: {}", (dir / "trainer.json").string(), e.what()));
+    throw std::runtime_error(fmt::format("{}: {}", tj.string(), e.what()));
   }
-  SafetensorsFile w = load_safetensors((dir / "model.safetensors").string());
+  c.weights = load_safetensors((dir / "model.safetensors").string());
   for (auto& [pname, p] : model.named_params()) {
-    const Tensor& t = w.at(pname);
+    const Tensor& t = c.weights.at(pname);
     if (t.shape() != p->master.shape())
       throw std::runtime_error(fmt::format("{}: tensor '{}' has shape {}, the model needs {}",
                                            (dir / "model.safetensors").string(), pname, t.shape().str(),
                                            p->master.shape().str()));
-    NoGrad ng;
-    p->master.copy_from(t);
   }
-  model.invalidate_frozen_cache();
-  if (!adapters.empty()) load_adapter_state(adapters, w.tensors, (dir / "model.safetensors").string());
-  SafetensorsFile os = load_safetensors((dir / "optim.safetensors").string());
-  std::vector<std::pair<std::string, Tensor>> st(os.tensors.begin(), os.tensors.end());
-  opt.load_state(st);
-  opt.set_step_count(j.at("optimizer_steps").get<int64_t>());
-  dl.seek(j.at("epoch").get<int64_t>(), j.at("position").get<int64_t>());
-  return j.at("step").get<int64_t>();
+  c.optim = load_safetensors((dir / "optim.safetensors").string());
+  for (const SafetensorsFile* sf : {&c.weights, &c.optim})
+    finite_host_copies(NamedTensors(sf->tensors.begin(), sf->tensors.end()), sf->header.path);
+  return c;
 }
 
+void apply_checkpoint(const Checkpoint& c, Gpt& model, const Adapters& adapters, AdamW& opt, DataLoader& dl) {
+  for (auto& [pname, p] : model.named_params()) {
+    NoGrad ng;
+    p->master.copy_from(c.weights.at(pname));
+  }
+  model.invalidate_frozen_cache();
+  if (!adapters.empty()) load_adapter_state(adapters, c.weights.tensors, (c.dir / "model.safetensors").string());
+  std::vector<std::pair<std::string, Tensor>> st(c.optim.tensors.begin(), c.optim.tensors.end());
+  opt.load_state(st);
+  opt.set_step_count(c.trainer.at("optimizer_steps").get<int64_t>());
+  dl.seek(c.trainer.at("epoch").get<int64_t>(), c.trainer.at("position").get<int64_t>());
+}
+
+// --resume: the checkpoint out/latest names; if it fails its check (missing or corrupt file, a
+// non-finite value, a shape the model does not have), the newest other ckpt-* that passes, saying
+// so. Returns the step it resumes after.
+int64_t load_checkpoint(const TrainOptions& o, Gpt& model, const Adapters& adapters, AdamW& opt, DataLoader& dl,
+                        bool writes, const std::function<void(const std::string&)>& say) {
+  const fs::path out(o.out_dir), latest = out / "latest";
+  std::string name;
+  if (std::ifstream f(latest); f) std::getline(f, name);
+  std::vector<fs::path> candidates;
+  if (!name.empty()) candidates.push_back(out / name);
+  std::vector<fs::path> others;
+  if (fs::is_directory(out))
+    for (auto& e : fs::directory_iterator(out)) {
+      const std::string n = e.path().filename().string();
+      if (n.rfind("ckpt-", 0) == 0 && n != name && e.is_directory()) others.push_back(e.path());
+    }
+  std::sort(others.begin(), others.end(), std::greater<>());  // ckpt-<8-digit step>: newest first
+  candidates.insert(candidates.end(), others.begin(), others.end());
+  if (candidates.empty())
+    throw std::runtime_error(fmt::format("--resume: {} has no checkpoint to resume from (no {}, no ckpt-*)", o.out_dir,
+                                         latest.string()));
+  std::string failures;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    try {
+      Checkpoint c = read_checkpoint(candidates[i], model);
+      apply_checkpoint(c, model, adapters, opt, dl);
+      const int64_t step = c.trainer.at("step").get<int64_t>();
+      if (!failures.empty()) {
+        say(fmt::format("resume: falling back to {} (step {}):{}", candidates[i].string(), step, failures));
+        if (writes) write_file_atomic(latest.string(), candidates[i].filename().string() + "\n");
+      }
+      return step;
+    } catch (const std::exception& e) {
+      failures += fmt::format(" {} failed its check ({});", candidates[i].filename().string(), e.what());
+    }
+  }
+  throw std::runtime_error(fmt::format("--resume: no usable checkpoint in {}:{}", o.out_dir, failures));
+}
 
 // --save-best: <out>/best holds the adapter (adapter runs) or the HF model (full training) of the best
 // eval so far, and best/info.json its step and value; written to best.tmp, then swapped in.
 void save_best(const TrainOptions& o, Gpt& model, const Adapters& adapters, const AdapterOptions& ao,
                const std::string& base, int64_t step, double value) {
   const fs::path dir = fs::path(o.out_dir) / "best", tmp = fs::path(o.out_dir) / "best.tmp";
+  finite_host_copies(model_state(model, adapters), dir.string());
   fs::remove_all(tmp);
   if (!adapters.empty()) save_adapters(adapters, ao, (tmp / "adapter").string(), base);
   else save_hf_gpt(model, tmp.string());
@@ -381,6 +538,8 @@ TrainResult train(const TrainOptions& o, const TrainInputs& in) {
   if (dc.world == 1) return train_impl(o, in, dc);
   try {
     return train_impl(o, in, dc);
+  } catch (const Interrupted&) {
+    throw;  // every rank stops at the same step (the stop request is all-reduced): a clean exit
   } catch (const std::exception& e) {
     dist::abort_all(dc.rank, e.what());
   }
@@ -388,6 +547,8 @@ TrainResult train(const TrainOptions& o, const TrainInputs& in) {
 
 namespace {
 
+// What the CLI range-checks, checked again for in-process callers (tests, the study runner): each
+// message names the flag and its range.
 void check_options(const TrainOptions& o) {
   auto bad = [](const std::string& m) { throw std::invalid_argument(m); };
   if (o.save_best != "" && o.save_best != "acc" && o.save_best != "loss")
@@ -396,10 +557,76 @@ void check_options(const TrainOptions& o) {
   if (!o.save_best.empty() && o.out_dir.empty()) bad("--save-best needs an output directory");
   if (!(o.val_fraction >= 0 && o.val_fraction < 1))
     bad(fmt::format("--val-fraction {}: must be in [0, 1)", o.val_fraction));
+  if (o.resume && o.overwrite)
+    bad("--resume continues the run in --out and --overwrite replaces it: give one of them");
+  if (o.resume && o.out_dir.empty()) bad("--resume needs --out (the run to continue)");
+  for (auto [v, lo, hi, flag] : {std::tuple{o.batch, int64_t(1), int64_t(1) << 20, "--batch"},
+                                 {o.seq_len, 1, int64_t(1) << 20, "--seq-len"},
+                                 {o.grad_accum, 1, int64_t(1) << 20, "--grad-accum"},
+                                 {o.steps, 0, int64_t(1) << 40, "--steps"},
+                                 {o.eval_every, 0, int64_t(1) << 40, "--eval-every"},
+                                 {o.eval_batches, 1, int64_t(1) << 30, "--eval-batches"},
+                                 {o.ckpt_every, 0, int64_t(1) << 40, "--ckpt-every"},
+                                 {o.log_every, 0, int64_t(1) << 40, "--log-every"},
+                                 {o.sample_tokens, 0, int64_t(1) << 20, "--sample-tokens"},
+                                 {int64_t(o.top_k), 0, int64_t(1) << 20, "--top-k"},
+                                 {o.max_bad_steps, 0, int64_t(1) << 40, "--max-bad-steps"},
+                                 {o.stop_after, 0, int64_t(1) << 40, "stop_after"},
+                                 {int64_t(o.adapter.depth), 2, 64, "--depth"},
+                                 {int64_t(o.adapter.svd_batches), 1, 10000, "--svd-batches"}})
+    if (v < lo || v > hi) bad(fmt::format("{} {}: must be in [{}, {}]", flag, v, lo, hi));
+  auto real = [&](double v, double lo, double hi, bool open_lo, const char* flag) {
+    if (!std::isfinite(v) || v < lo || v > hi || (open_lo && v == lo))
+      bad(fmt::format("{} {}: must be in {}{}, {}]", flag, v, open_lo ? "(" : "[", lo, hi));
+  };
+  real(o.epochs, 0, 1e6, true, "--epochs");
+  real(o.lr, 0, 1e6, true, "--lr");
+  real(o.warmup, 0, 1e12, false, "--warmup");
+  real(o.min_lr_ratio, 0, 1, false, "--min-lr-ratio");
+  real(o.weight_decay, 0, 1e6, false, "--weight-decay");
+  real(o.clip, 0, 1e12, false, "--clip");
+  real(o.bucket_mb, 0, 1e6, true, "--bucket-mb");
+}
+
+// A new run refuses an --out holding another run's files (it would replace them); --resume continues
+// it, --overwrite replaces it. Checked read-only before the work starts, and again under the lock.
+void check_out_dir(const TrainOptions& o) {
+  if (o.resume) {
+    const fs::path out(o.out_dir);
+    bool any = fs::exists(out / "latest");
+    if (!any && fs::is_directory(out))
+      for (auto& e : fs::directory_iterator(out)) any = any || e.path().filename().string().rfind("ckpt-", 0) == 0;
+    if (!any)
+      throw std::invalid_argument(fmt::format("--resume: {} holds no checkpoint (no latest, no ckpt-*); drop --resume to "
+                                              "start a new run there", o.out_dir));
+    return;
+  }
+  if (o.overwrite) return;
+  const std::vector<std::string> files = run_files(o.out_dir);
+  if (files.empty()) return;
+  std::string list;
+  for (size_t i = 0; i < files.size() && i < 6; ++i) list += (i ? ", " : "") + files[i];
+  if (files.size() > 6) list += ", ...";
+  throw std::invalid_argument(fmt::format("--out {} holds another run ({}): --resume to continue it, --overwrite to "
+                                          "replace it, or choose another --out",
+                                          o.out_dir, list));
 }
 
 TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist::Context& dc) {
   check_options(o);
+  // Only runs that write (an out_dir) listen to SIGINT / SIGTERM; in-process callers without one keep
+  // their own signal handling. Restored when train() returns.
+  std::optional<StopSignals> signals;
+  if (!o.out_dir.empty()) signals.emplace();
+  if (in.train.empty())
+    for (const std::string& p : o.data) check_input_file(p, "--data");
+  for (const std::string& p : o.val_data) check_input_file(p, "--val-data");
+  if (in.eval.empty())
+    for (const std::string& p : o.eval_data) check_input_file(p, "--eval-data");
+  if (!o.eval_prompts.empty()) check_input_file(o.eval_prompts, "--eval-prompts");
+  if (!o.adapter_init.empty() && !fs::is_directory(o.adapter_init))
+    throw std::invalid_argument(fmt::format("--adapter-init {}: not a directory (expected a saved adapter)", o.adapter_init));
+  if (!o.out_dir.empty() && dc.rank == 0) check_out_dir(o);
   // ---- device, dtype, tokenizer -------------------------------------------------------------------
   if (o.device != "auto" && o.device != "cpu" && o.device != "cuda")
     throw std::invalid_argument(fmt::format("--device must be auto, cpu or cuda, got '{}'", o.device));
@@ -427,8 +654,12 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
   if (!in.model) own_model = make_model(o, dt, dev);
   Gpt& model = in.model ? *in.model : *own_model;
   const GptConfig& cfg = model.config();
-  check(o.seq_len <= cfg.n_positions, "train",
-        fmt::format("--seq-len {} exceeds the model's n_positions {}", o.seq_len, cfg.n_positions));
+  if (o.seq_len > cfg.n_positions)
+    throw std::invalid_argument(fmt::format("--seq-len {} exceeds the model's n_positions {}", o.seq_len, cfg.n_positions));
+  if (o.sample_tokens >= cfg.n_positions)
+    throw std::invalid_argument(fmt::format("--sample-tokens {}: must be below the model's n_positions {} (a sample "
+                                            "starts from at least one prompt token)",
+                                            o.sample_tokens, cfg.n_positions));
   if (dev == Device::cuda) reset_gpu_peak();
   say(fmt::format("model: {} | {} {} | device {}", cfg.str(), dtype_name(dt),
                   in.model ? "given" : o.model_dir.empty() ? "random init" : o.model_dir, device_name(dev)));
@@ -460,15 +691,14 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
     for (const McExample& e : m->examples) {
       std::vector<int32_t> all = e.prompt;
       for (const auto& c : e.choices) all.insert(all.end(), c.begin(), c.end());
-      for (int32_t t : all)
-        if (t < 0 || t >= cfg.vocab_size)
-          throw std::runtime_error(fmt::format("{}:{}: token id {} is outside the model's vocabulary ({})", m->path,
-                                               e.line, t, cfg.vocab_size));
+      check_ids(all, cfg.vocab_size, fmt::format("{}:{}", m->path, e.line), tok);
     }
   std::vector<std::vector<int32_t>> prompts;
   if (!o.eval_prompts.empty()) {
     if (!tok) throw std::invalid_argument("--eval-prompts needs a tokenizer (--vocab-dir)");
     prompts = load_prompts(o.eval_prompts, *tok);
+    for (size_t i = 0; i < prompts.size(); ++i)
+      check_ids(prompts[i], cfg.vocab_size, fmt::format("{} (prompt {})", o.eval_prompts, i + 1), tok);
   } else if (tok && tok->eot_id() >= 0 && tok->eot_id() < cfg.vocab_size) {
     prompts = {{tok->eot_id()}};
   }
@@ -489,6 +719,10 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
     AdapterOptions init = ao;
     // On resume the values come from the checkpoint: skip the gradient pass.
     if (o.resume && init.kind == "deeplora" && !init.wide) init.init = "random";
+    if (init.kind == "deeplora" && init.init == "gradsvd" && init.svd_batches > dl.batches_per_epoch())
+      throw std::invalid_argument(fmt::format("--svd-batches {}: the training data has only {} batches of {}x{} per "
+                                              "epoch; give at most that",
+                                              init.svd_batches, dl.batches_per_epoch(), o.batch, o.seq_len));
     AdapterInitReport rep;
     adapters = attach_adapters(model, init, [&] {
       auto t = to_device(dl.next(), dev, false);
@@ -505,7 +739,7 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
   // ---- optimizer: full training decays matrices only (GPT-2 / nanoGPT); adapters per DEEP_LORA.md ----
   std::vector<ParamGroup> groups;
   if (!adapters.empty()) {
-    groups = adapter_param_groups(adapters, ao.outer_lr_scale);
+    groups = adapter_param_groups(adapters, ao.outer_lr_scale, ao.width_lr_ref);
   } else {
     ParamGroup decay{{}, 1.0, o.weight_decay, "decay"}, no_decay{{}, 1.0, 0.0, "no_decay"};
     for (Tensor& t : model.trainable_tensors()) (t.ndim() >= 2 ? decay : no_decay).params.push_back(t);
@@ -527,18 +761,24 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
                     dc.world, dc.local_size, dc.world * o.batch, o.seq_len, reducer->buckets().size()));
   }
 
+  // ---- the output directory: locked for the run's lifetime; nothing in it changes before this point --
+  std::optional<RunDirLock> lock;
   if (writes) {
-    fs::create_directories(o.out_dir);
-    if (!o.config_text.empty()) write_file_atomic((fs::path(o.out_dir) / "config.toml").string(), o.config_text);
+    lock.emplace(o.out_dir);
+    check_out_dir(o);  // again, under the lock: another run may have finished writing meanwhile
+    if (o.overwrite && !run_files(o.out_dir).empty()) {
+      say(fmt::format("--overwrite: removing the previous run in {}", o.out_dir));
+      remove_run_files(o.out_dir);
+    }
   }
   int64_t step = 0;
   if (o.resume) {
-    check(!o.out_dir.empty(), "train", "--resume needs --out");
-    step = load_checkpoint(o, model, adapters, opt, dl);
+    step = load_checkpoint(o, model, adapters, opt, dl, writes, say);
     say(fmt::format("resumed from step {} (epoch {}, batch {})", step, dl.epoch(), dl.position()));
   }
-  std::ofstream metrics;  // left closed (writes go nowhere) on ranks other than 0 and without --out
-  if (writes) metrics.open(fs::path(o.out_dir) / "metrics.jsonl", o.resume ? std::ios::app : std::ios::trunc);
+  if (writes && !o.config_text.empty()) write_file_atomic((fs::path(o.out_dir) / "config.toml").string(), o.config_text);
+  LineFile metrics;  // discards its lines on ranks other than 0 and without --out
+  if (writes) metrics = LineFile((fs::path(o.out_dir) / "metrics.jsonl").string(), !o.resume);
 
   // FLOPs per token: 6N + 12 L C T (PaLM appendix B); a frozen base skips the weight-gradient GEMMs
   // (4N). MFU against the measured bf16 peak.
@@ -583,7 +823,7 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
       line += " | sample: " + nlohmann::json(samples[0]).dump();
     }
     say(line);
-    metrics << row.dump() << "\n";
+    metrics.line(row.dump());
     if (!o.save_best.empty()) {
       const double v = o.save_best == "acc" ? rec.mc.at(0).acc : rec.val_loss;
       const bool better = std::isfinite(v) && (!std::isfinite(res.best_value) ||
@@ -607,12 +847,14 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
   struct Pending {
     Tensors2 t;
     int64_t epoch = 0, pos = 0;
+    int64_t n_loss = 0;  // loss tokens in this micro-batch
   };
   auto fetch = [&] {
     Pending p;
     p.epoch = dl.epoch();
     p.pos = dl.position();
     Batch b = dl.next();
+    p.n_loss = b.n_loss_tokens();
     p.t.in = staging.upload(b.inputs, Shape{b.B, b.T}, dev);
     if (dl.is_examples()) {
       LossRows r = loss_rows(b);
@@ -625,28 +867,96 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
     return p;
   };
   std::optional<Pending> pending;
+  const int64_t first_step = step;
+  int64_t last_ckpt = o.resume ? step : -1;
+  // SIGINT / SIGTERM: the step in flight is finished, checkpointed (with an out_dir), and train()
+  // throws Interrupted. DP: the request is all-reduced, so every rank stops after the same step.
+  auto stop_signal = [&]() -> int {
+    int sig = signals ? signals->pending() : 0;
+    if (dc.world > 1 && dist::all_reduce_scalar(sig ? 1.0 : 0.0) > 0 && sig == 0) sig = SIGTERM;
+    return sig;
+  };
+  auto checkpoint = [&](int64_t at) {
+    if (dc.rank == 0)
+      save_checkpoint(o, model, adapters, opt, at, pending ? pending->epoch : dl.epoch(),
+                      pending ? pending->pos : dl.position());
+    dist::barrier();  // DP: every rank may resume from it once this step is over
+    last_ckpt = at;
+  };
+  auto interrupted = [&](int sig) {
+    const char* name = StopSignals::name(sig);
+    if (step == first_step)
+      throw Interrupted(sig, fmt::format("train: stopped by {} before step {}: {}", name, step + 1,
+                                         o.resume ? fmt::format("{}/latest is unchanged", o.out_dir)
+                                                  : std::string("nothing was trained")));
+    if (o.out_dir.empty())
+      throw Interrupted(sig, fmt::format("train: stopped by {} after step {} of {} (no --out: nothing saved)", name,
+                                         step, total_steps));
+    if (last_ckpt != step) checkpoint(step);
+    throw Interrupted(sig, fmt::format("train: stopped by {} after step {} of {}: checkpoint {}; continue with --resume "
+                                       "--out {}",
+                                       name, step, total_steps,
+                                       (fs::path(o.out_dir) / fmt::format("ckpt-{:08d}", step)).string(), o.out_dir));
+  };
+  if (int sig = stop_signal()) interrupted(sig);
   for (; step < total_steps; ++step) {
     const auto t0 = Clock::now();
     if (o.on_step) o.on_step(step);
     const double lr = lr_at(o, step, total_steps);
     opt.zero_grad();
-    double loss_sum = 0;
-    for (int64_t micro = 0; micro < o.grad_accum; ++micro) {
-      Pending cur = pending ? std::move(*pending) : fetch();
+    // Every micro-batch of the step is read first: the loss is the mean over all loss tokens of the
+    // step (every micro-batch, every rank), so micro-batch i weighs n_i / N. With token streams all n_i
+    // are equal (1 / grad_accum, as before); with examples of varied lengths this is what makes N
+    // ranks x batch b x grad-accum k equal one process at batch N*b*k.
+    std::vector<Pending> micro;
+    micro.reserve(size_t(o.grad_accum));
+    for (int64_t i = 0; i < o.grad_accum; ++i) {
+      if (i == 0 && pending) micro.push_back(std::move(*pending));
+      else micro.push_back(fetch());
       pending.reset();
+    }
+    double n_local = 0;
+    for (const Pending& m : micro) n_local += double(m.n_loss);
+    const double n_global = dc.world > 1 ? dist::all_reduce_scalar(n_local) : n_local;
+    double loss_sum = 0;  // sum over this rank's micro-batches of n_i * loss_i
+    for (int64_t i = 0; i < o.grad_accum; ++i) {
+      Pending cur = std::move(micro[size_t(i)]);
       Tensor loss = batch_loss(model, cur.t);
-      if (reducer && micro + 1 == o.grad_accum) reducer->arm();  // DP: all-reduce in the last backward only
-      backward(o.grad_accum > 1 ? ops::scale(loss, 1.0 / double(o.grad_accum)) : loss);
-      if (micro + 1 < o.grad_accum || step + 1 < total_steps) pending = fetch();  // overlaps the GPU's work
-      loss_sum += loss.item();
+      // DP: the reducer averages over ranks, hence the factor world.
+      const double w = n_global > 0 ? double(cur.n_loss) * double(dc.world) / n_global : 0.0;
+      if (reducer && i + 1 == o.grad_accum) reducer->arm();  // DP: all-reduce in the last backward only
+      backward(w == 1.0 ? loss : ops::scale(loss, w));
+      if (i + 1 == o.grad_accum && step + 1 < total_steps) pending = fetch();  // overlaps the GPU's work
+      if (cur.n_loss > 0) loss_sum += loss.item() * double(cur.n_loss);
     }
     if (reducer) reducer->finish();  // DP: grads now averaged over ranks (before the norm and clip)
-    const double loss = dist::all_reduce_scalar(loss_sum) / double(o.grad_accum * dc.world);
-    if (!std::isfinite(loss))
-      throw std::runtime_error(fmt::format("train: loss is {} at step {} (diverged; lower --lr)", loss, step));
+    if (o.on_grads) o.on_grads(step, opt);
+    const double loss_all = dc.world > 1 ? dist::all_reduce_scalar(loss_sum) : loss_sum;
+    const double loss = n_global > 0 ? loss_all / n_global : NAN;
     const double norm = opt.grad_norm();
-    const double scale = o.clip > 0 && norm > o.clip ? o.clip / norm : 1.0;
-    opt.step(lr, scale);
+    // The non-finite guard: such a step never reaches the weights (every rank sees the same loss and
+    // the same all-reduced gradients, so all skip it together).
+    const bool bad = !std::isfinite(loss) || !std::isfinite(norm);
+    if (bad) {
+      ++res.bad_steps;
+      if (res.bad_steps > o.max_bad_steps)
+        throw std::runtime_error(fmt::format(
+            "train: step {}: loss {}, gradient norm {}: {} steps were non-finite in this run (more than "
+            "--max-bad-steps {}); none of them changed the weights{}. Lower --lr (now {:g}), add --warmup or --clip, "
+            "or train in --dtype f32",
+            step + 1, loss, norm, res.bad_steps, o.max_bad_steps,
+            last_ckpt > 0 ? fmt::format("; the last checkpoint is {}",
+                                        (fs::path(o.out_dir) / fmt::format("ckpt-{:08d}", last_ckpt)).string())
+                          : "",
+            o.lr));
+      auto num = [](double v) { return std::isfinite(v) ? fmt::format("{:.4f}", v) : fmt::format("{}", v); };
+      say(fmt::format("step {:>5}/{} | skipped: loss {}, grad norm {} (non-finite; {} of at most {} with "
+                      "--max-bad-steps)",
+                      step + 1, total_steps, num(loss), num(norm), res.bad_steps, o.max_bad_steps));
+    } else {
+      const double scale = o.clip > 0 && norm > o.clip ? o.clip / norm : 1.0;
+      opt.step(lr, scale);
+    }
     if (dev == Device::cuda) cuda_sync();
     const double dt_s = std::chrono::duration<double>(Clock::now() - t0).count();
     const double tok_s = double(tokens_per_step) / dt_s;
@@ -656,26 +966,25 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
     const double mfu = dev == Device::cuda ? flops_per_token * tok_s / (o.peak_tflops * 1e12 * dc.world) : NAN;
     const double elapsed = std::chrono::duration<double>(Clock::now() - t_start).count();
     const double eta = elapsed / double(run_steps) * double(total_steps - step - 1);
-    if (o.log_every > 0 && (step % o.log_every == 0 || step + 1 == total_steps))
+    if (!bad && o.log_every > 0 && (step % o.log_every == 0 || step + 1 == total_steps))
       say(fmt::format("step {:>5}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.1f}K tok/s{} | ETA {}", step + 1,
                       total_steps, loss, lr, norm, tok_s / 1e3,
                       std::isfinite(mfu) ? fmt::format(" | MFU {:.1f}%", 100 * mfu) : "", human_time(eta)));
     nlohmann::json row = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm}, {"tokens_per_s", tok_s}};
+    if (bad) row["skipped"] = true;  // loss / grad_norm read null there (JSON has no NaN)
     if (std::isfinite(mfu)) row["mfu"] = mfu;  // absent where not measured (the CPU)
-    metrics << row.dump() << "\n";
+    metrics.line(row.dump());
     const bool last = step + 1 == total_steps;
     const bool have_eval = data.val || !eval_sets.empty();
     if (have_eval && (last || (o.eval_every > 0 && (step + 1) % o.eval_every == 0))) run_eval(step + 1);
-    metrics.flush();
-    if (!o.out_dir.empty() && o.ckpt_every > 0 && ((step + 1) % o.ckpt_every == 0 || last)) {
-      if (dc.rank == 0)
-        save_checkpoint(o, model, adapters, opt, step + 1, pending ? pending->epoch : dl.epoch(),
-                        pending ? pending->pos : dl.position());
-      dist::barrier();  // DP: every rank may resume from it once this step is over
-    }
+    if (!o.out_dir.empty() && o.ckpt_every > 0 && ((step + 1) % o.ckpt_every == 0 || last)) checkpoint(step + 1);
     if (o.stop_after > 0 && run_steps >= o.stop_after) {
       ++step;
       break;
+    }
+    if (int sig = stop_signal()) {
+      ++step;
+      interrupted(sig);
     }
   }
   res.final_step = step;
@@ -688,6 +997,7 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
   res.gpu_peak_bytes = mem.allocator_peak;
   if (o.save_final && writes && step >= total_steps) {
     const fs::path out(o.out_dir);
+    finite_host_copies(model_state(model, adapters), (out / "final").string());  // never a NaN in final/
     if (!adapters.empty()) {
       save_adapters(adapters, ao, (out / "adapter").string(), base);
       say(fmt::format("saved {} ({} adapter)", (out / "adapter").string(), ao.kind));
@@ -704,7 +1014,8 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
                          {"final_loss", res.losses.empty() ? nlohmann::json(nullptr) : nlohmann::json(res.losses.back())},
                          {"tokens_per_s", res.tokens_per_second},
                          {"seconds", res.seconds},
-                         {"n_trainable", res.n_trainable}};
+                         {"n_trainable", res.n_trainable},
+                         {"bad_steps", res.bad_steps}};
     if (!res.evals.empty()) {
       const EvalRecord& e = res.evals.back();
       if (std::isfinite(e.val_loss)) sj["val_loss"] = e.val_loss;

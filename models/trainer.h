@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,7 @@
 namespace deeplora {
 
 class Tokenizer;
+class AdamW;
 
 struct TrainOptions {
   // Model: an HF directory (config.json + model.safetensors) to fine-tune, or a random init from a
@@ -42,6 +44,10 @@ struct TrainOptions {
   int top_k = 0;
   std::string out_dir = "out/run";  // "" writes nothing (in-process runs)
   bool resume = false;
+  bool overwrite = false;  // a new run may replace the run files already in out_dir (else: refused)
+  // Non-finite loss or gradient norm: the step is skipped (no update) and counted; more than this many
+  // in a run stop it with an error naming the step.
+  int64_t max_bad_steps = 10;
   bool save_final = true;  // out_dir/final in the HF layout (+ out_dir/adapter)
   uint64_t seed = 1337;
   std::string dtype = "bf16";   // compute dtype: bf16 | f32 | f64
@@ -60,6 +66,16 @@ struct TrainOptions {
   double bucket_mb = 25;  // gradient all-reduce bucket size (MiB)
   std::string config_text;  // the resolved options as a config file: written to <out>/config.toml
   std::function<void(int64_t step)> on_step;  // called as each step starts; tests inject failures here
+  // Called after backward (and the data-parallel all-reduce), before the non-finite check and the
+  // update: tests poison gradients here.
+  std::function<void(int64_t step, AdamW& opt)> on_grads;
+};
+
+// Thrown by train() when SIGINT / SIGTERM asked it to stop (only runs with an out_dir listen): the
+// current step was finished and checkpointed. what() is the one line to print; exit with 128 + signal.
+struct Interrupted : std::runtime_error {
+  int signal;
+  Interrupted(int sig, const std::string& msg) : std::runtime_error(msg), signal(sig) {}
 };
 
 // What an in-process caller (tools/study) hands over instead of paths: a loaded model, tokenized data.
@@ -77,10 +93,11 @@ struct EvalRecord {
 };
 
 struct TrainResult {
-  std::vector<double> losses;      // per optimizer step (mean over micro-batches)
+  std::vector<double> losses;      // per step: the token-weighted mean over micro-batches and ranks (NaN: skipped)
   std::vector<double> val_losses;  // per eval
   std::vector<EvalRecord> evals;
   int64_t final_step = 0;
+  int64_t bad_steps = 0;           // steps skipped for a non-finite loss or gradient norm
   double tokens_per_second = 0;    // median over the run's steps after the first
   double seconds = 0;
   double adapter_grad_seconds = 0, adapter_svd_seconds = 0;  // initialization pass (deeplora gradsvd)

@@ -58,7 +58,13 @@ std::vector<std::shared_ptr<TensorImpl>> outs(std::initializer_list<const Tensor
 
 bool wants(const Tensor& t) { return t.defined() && t.requires_grad(); }
 
-int64_t rows_of(const Tensor& t) { return t.numel() / t.dim(-1); }
+// Rows of a [..., C] tensor. An empty last dimension (C = 0) is an error naming the op and the tensor
+// (rows = numel / C would divide by zero); zero rows of a non-empty C are fine.
+int64_t rows_of(const Tensor& t, const char* op) {
+  check(t.ndim() >= 1 && t.dim(-1) > 0, op,
+        fmt::format("input {} has an empty last dimension (size 0): nothing to compute over", t.desc()));
+  return t.numel() / t.dim(-1);
+}
 
 // grad(t) += g for a g of t's shape and dtype: handed over whole (grad_take) when `may_take` and t
 // can take it, copied on t's first contribution, added otherwise. At most one input of a node may
@@ -294,7 +300,7 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& a
         fmt::format("input {} does not match weight {} (last dim must equal {})", x.desc(), w.desc(), w.dim(1)));
   check(!b.defined() || (b.ndim() == 1 && b.dim(0) == w.dim(0)), "linear",
         fmt::format("bias {} must be [{}]", b.desc(), w.dim(0)));
-  const int64_t R = rows_of(x), K = w.dim(1), N = w.dim(0);
+  const int64_t R = rows_of(x, "linear"), K = w.dim(1), N = w.dim(0);
   Shape ys = x.shape();
   ys[-1] = N;
   check(!addend.defined() || addend.shape() == ys, "linear",
@@ -342,7 +348,7 @@ Tensor layernorm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) 
   defined("layernorm", {&x, &w, &b});
   same_device("layernorm", {&x, &w, &b});
   same_float_dtype("layernorm", {&x, &w, &b});
-  const int64_t C = x.dim(-1), R = rows_of(x);
+  const int64_t R = rows_of(x, "layernorm"), C = x.dim(-1);
   check(w.ndim() == 1 && w.dim(0) == C && b.shape() == w.shape(), "layernorm",
         fmt::format("weight {} and bias {} must be [{}] for input {}", w.desc(), b.desc(), C, x.desc()));
   Device d = x.device();
@@ -412,6 +418,7 @@ Tensor attention(const Tensor& qkv, int64_t n_head) {
   same_float_dtype("attention", {&qkv});
   check(qkv.ndim() == 3 && qkv.dim(2) % 3 == 0, "attention", fmt::format("qkv must be [B, T, 3C], got {}", qkv.desc()));
   const int64_t B = qkv.dim(0), T = qkv.dim(1), C = qkv.dim(2) / 3;
+  check(C > 0, "attention", fmt::format("qkv {} has an empty channel dimension", qkv.desc()));
   check(n_head > 0 && C % n_head == 0, "attention",
         fmt::format("n_head {} must divide the channel count {} of {}", n_head, C, qkv.desc()));
   Device d = qkv.device();
@@ -438,7 +445,7 @@ static int64_t check_loss_inputs(const char* op, const Tensor& logits, const Ten
   same_device(op, {&logits, &targets});
   same_float_dtype(op, {&logits});
   check(targets.dtype() == DType::i32, op, fmt::format("targets must be i32, got {}", targets.desc()));
-  const int64_t stride = logits.dim(-1), R = rows_of(logits);
+  const int64_t R = rows_of(logits, op), stride = logits.dim(-1);
   const int64_t V = n_classes > 0 ? n_classes : stride;
   check(V <= stride, op, fmt::format("n_classes {} exceeds the last dim of {}", V, logits.desc()));
   check(targets.numel() == R, op,
@@ -449,7 +456,7 @@ static int64_t check_loss_inputs(const char* op, const Tensor& logits, const Ten
 
 Tensor token_nll(const Tensor& logits, const Tensor& targets, int32_t ignore_index, int64_t n_classes) {
   const int64_t V = check_loss_inputs("token_nll", logits, targets, ignore_index, n_classes);
-  const int64_t stride = logits.dim(-1), R = rows_of(logits);
+  const int64_t stride = logits.dim(-1), R = rows_of(logits, "token_nll");
   Device d = logits.device();
   DType st = stat_dtype(logits.dtype());
   Tensor lse = Tensor::empty(Shape{R}, st, d), rl = Tensor::empty(Shape{R}, st, d);
@@ -460,7 +467,7 @@ Tensor token_nll(const Tensor& logits, const Tensor& targets, int32_t ignore_ind
 
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index, int64_t n_classes) {
   const int64_t V = check_loss_inputs("cross_entropy", logits, targets, ignore_index, n_classes);
-  const int64_t stride = logits.dim(-1), R = rows_of(logits);
+  const int64_t stride = logits.dim(-1), R = rows_of(logits, "cross_entropy");
   Device d = logits.device();
   DType st = stat_dtype(logits.dtype());
   Tensor lse = Tensor::empty(Shape{R}, st, d), rl = Tensor::empty(Shape{R}, st, d);

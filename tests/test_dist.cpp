@@ -238,6 +238,101 @@ TEST_CASE("dist: mpirun -np 2 x batch b trains like 1 process x batch 2b (CPU, f
   fs::remove_all(d);
 }
 
+// JSONL prompt/completion examples of very different lengths (completions of 1 to 24 bytes), the
+// case where a mean of per-micro-batch means differs from the token mean of the global batch.
+std::string varied_jsonl(const fs::path& dir, int n, uint64_t seed) {
+  std::string text;
+  uint64_t s = seed;
+  auto next = [&] {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return s >> 33;
+  };
+  for (int i = 0; i < n; ++i) {
+    std::string prompt, completion;
+    for (uint64_t k = 0, m = 1 + next() % 8; k < m; ++k) prompt += char('a' + next() % 26);
+    for (uint64_t k = 0, m = 1 + (i % 3 == 0 ? 16 + next() % 8 : next() % 3); k < m; ++k)
+      completion += char('a' + next() % 26);
+    text += fmt::format("{{\"prompt\": \"{}\", \"completion\": \"{}\"}}\n", prompt, completion);
+  }
+  const std::string p = (dir / "varied.jsonl").string();
+  std::ofstream(p) << text;
+  return p;
+}
+
+TEST_CASE("dist: grad-accum k x batch b equals batch k*b for JSONL of varied lengths (token-weighted loss, 1 process)") {
+  const std::string dist_check = (fs::path(DEEPLORA_BUILD_DIR) / "dist_check").string();
+  fs::path d = test::fresh_dir("accum-jsonl");
+  const std::string vocab = test::write_byte_vocab(d / "vocab");
+  const std::string data = varied_jsonl(d, 44, 5);
+  auto run = [&](const std::string& flags, const std::string& out) {
+    Run r = run_command(fmt::format("{} --data {} --vocab-dir {} --seq-len 32 --steps 12 --eval-every 6 {} --out {}",
+                                    dist_check, data, vocab, flags, (d / out).string()));
+    INFO(flags << ":\n" << r.output);
+    REQUIRE(r.status == 0);
+    return result_of(r);
+  };
+  auto a = run("--batch 4", "b4");
+  auto b = run("--batch 2 --grad-accum 2", "b2a2");
+  auto c = run("--batch 1 --grad-accum 4", "b1a4");
+  REQUIRE(a.at("losses").size() == 12);
+  CHECK(max_rel_diff(b, a, "losses") <= 1e-5);
+  CHECK(max_rel_diff(c, a, "losses") <= 1e-5);
+  CHECK(max_rel_diff(b, a, "val_losses") <= 1e-5);
+  MESSAGE("JSONL, batch 2 x accum 2 and 1 x 4 vs batch 4: losses within " << max_rel_diff(b, a, "losses") << " and "
+                                                                          << max_rel_diff(c, a, "losses"));
+  fs::remove_all(d);
+}
+
+TEST_CASE("dist: mpirun -np 2 equals one process at the global batch for JSONL of varied lengths (token-weighted)") {
+  Launcher l = launcher();
+  if (!l.skip.empty()) {
+    MESSAGE("skipped: " << l.skip);
+    return;
+  }
+  fs::path d = test::fresh_dir("dist-jsonl");
+  const std::string vocab = test::write_byte_vocab(d / "vocab");
+  const std::string data = varied_jsonl(d, 44, 7);
+  const std::string common =
+      fmt::format("--data {} --vocab-dir {} --seq-len 32 --steps 12 --eval-every 6 --eval-batches 4", data, vocab);
+  auto run = [&](const std::string& launch, const std::string& flags, const std::string& out) {
+    Run r = run_command(fmt::format("{} {} {} --out {}", launch, common, flags, (d / out).string()));
+    INFO(launch << " " << flags << ":\n" << r.output);
+    REQUIRE(r.status == 0);
+    return result_of(r);
+  };
+  auto one = run(l.dist_check, "--batch 4", "one");
+  auto two = run(mpirun_line(l, 2), "--batch 2 --bucket-mb 0.01", "two");
+  auto two_acc = run(mpirun_line(l, 2), "--batch 1 --grad-accum 2", "two_acc");
+  CHECK(two.at("world") == 2);
+  REQUIRE(one.at("losses").size() == 12);
+  CHECK(max_rel_diff(two, one, "losses") <= 1e-5);
+  CHECK(max_rel_diff(two, one, "val_losses") <= 1e-5);
+  CHECK(max_rel_diff(two_acc, one, "losses") <= 1e-5);
+  MESSAGE("JSONL: 2 ranks x 2 vs 1 x 4: losses within " << max_rel_diff(two, one, "losses") << ", val within "
+                                                         << max_rel_diff(two, one, "val_losses")
+                                                         << "; 2 ranks x 1 x accum 2: " << max_rel_diff(two_acc, one, "losses"));
+  fs::remove_all(d);
+}
+
+TEST_CASE("dist: a NaN gradient on every rank is skipped by all of them together; training goes on") {
+  Launcher l = launcher();
+  if (!l.skip.empty()) {
+    MESSAGE("skipped: " << l.skip);
+    return;
+  }
+  fs::path d = test::fresh_dir("dist-nan");
+  const std::string shard = test::random_shard(d, 6000, 19);
+  Run r = run_command(fmt::format("{} --data {} --batch 2 --steps 8 --nan-grad-steps 3 --ckpt-every 4 --out {}",
+                                  mpirun_line(l, 2), shard, (d / "run").string()));
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  auto j = result_of(r);
+  CHECK(j.at("bad_steps") == 1);
+  CHECK(j.at("losses")[3].is_number());  // the loss was finite, the gradient not
+  CHECK(j.at("losses")[7].get<double>() < j.at("losses")[0].get<double>());
+  fs::remove_all(d);
+}
+
 TEST_CASE("dist: a rank that throws takes mpirun down within seconds, naming the rank") {
   Launcher l = launcher();
   if (!l.skip.empty()) {
@@ -259,7 +354,7 @@ TEST_CASE("dist: a rank that throws takes mpirun down within seconds, naming the
   MESSAGE("failed run: exit " << r.status << " after " << r.seconds << " s");
   // A rank that dies outright (kill -9, OOM killer): mpirun notices and ends the others.
   Run k = run_command(fmt::format("{} --data {} --batch 2 --steps 100000 --fail-rank 1 --fail-step 3 --fail-kill --out {}",
-                                  mpirun_line(l, 2), shard, (d / "run").string()));
+                                  mpirun_line(l, 2), shard, (d / "run_kill").string()));
   {
     INFO("output:\n" << k.output);
     CHECK(k.status != 0);

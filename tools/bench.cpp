@@ -29,6 +29,7 @@
 
 #include "runtime/device.h"
 #include "runtime/tensor.h"
+#include "tools/cli_ranges.h"
 
 #ifdef DEEPLORA_HAVE_CUDA
 #include "kernels/attention_cache.h"
@@ -473,16 +474,19 @@ void run_bench(const Options& o) {
 int main(int argc, char** argv) {
   Options o;
   CLI::App app{"deeplora bench: CUDA kernel microbenchmarks at GPT-2 124M shapes"};
-  app.add_option("-B,--batch", o.B, "sequences per batch")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("-T,--seq-len", o.T, "tokens per sequence")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--n-embd", o.C, "model width C")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--n-head", o.H, "attention heads")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--vocab", o.V, "vocabulary size")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--n-layer", o.L, "layers (parameter count of the optimizer rows)")->capture_default_str();
-  app.add_option("--reps", o.reps, "timed repetitions (median)")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--warmup", o.warmup, "untimed repetitions first")->capture_default_str()->check(CLI::NonNegativeNumber);
-  app.add_option("--copy-gib", o.copy_gib, "buffer size of the copy-bandwidth ceiling")->capture_default_str();
-  app.add_option("--peak-n", o.peak_n, "M=N=K of the peak-GEMM ceiling")->capture_default_str();
+  app.add_option("-B,--batch", o.B, "sequences per batch")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 16));
+  app.add_option("-T,--seq-len", o.T, "tokens per sequence")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  app.add_option("--n-embd", o.C, "model width C")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(65536)));
+  app.add_option("--n-head", o.H, "attention heads")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1024)));
+  app.add_option("--vocab", o.V, "vocabulary size")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 24));
+  app.add_option("--n-layer", o.L, "layers (parameter count of the optimizer rows)")
+      ->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1024)));
+  app.add_option("--reps", o.reps, "timed repetitions (median)")->capture_default_str()->check(CLI::Range(1, 100000));
+  app.add_option("--warmup", o.warmup, "untimed repetitions first")->capture_default_str()->check(CLI::Range(0, 100000));
+  app.add_option("--copy-gib", o.copy_gib, "buffer size of the copy-bandwidth ceiling")
+      ->capture_default_str()->check(deeplora::cli::positive(64));
+  app.add_option("--peak-n", o.peak_n, "M=N=K of the peak-GEMM ceiling")
+      ->capture_default_str()->check(CLI::Range(int64_t(16), int64_t(65536)));
   app.add_option("--only", o.only, "run only ops whose name contains this (ceilings always run)");
   app.add_flag("--json", o.json, "one JSON object per row instead of the table");
   CLI11_PARSE(app, argc, argv);

@@ -35,7 +35,7 @@ options:
   --name NAME           shard file prefix: NAME_{train,val}_000000.bin (default: data)
   --val-fraction F      fraction of the token stream, from its start, for val shards (default: 0.05)
   --shard-tokens N      tokens per shard (default: 100000000)
-  --threads N           tokenizer threads (default: all cores)
+  --threads N           tokenizer threads, at most 1024 (default 0: all cores)
   --help                this text
 
 Invalid UTF-8 in the input is replaced by U+FFFD (counted in the summary).
@@ -89,7 +89,19 @@ Args parse_args(int argc, char** argv) {
     throw std::invalid_argument(fmt::format("--val-fraction {} is outside [0, 1)", a.val_fraction));
   if (a.shard_tokens < 1 || a.shard_tokens > INT32_MAX)
     throw std::invalid_argument(fmt::format("--shard-tokens {} is outside [1, {}]", a.shard_tokens, INT32_MAX));
-  if (a.threads < 0) throw std::invalid_argument(fmt::format("--threads {} is negative", a.threads));
+  if (a.threads < 0 || a.threads > 1024)
+    throw std::invalid_argument(fmt::format("--threads {} is outside [0, 1024] (0: all cores)", a.threads));
+  if (a.name.empty() || a.name.find('/') != std::string::npos)
+    throw std::invalid_argument(fmt::format("--name '{}' must be a non-empty file prefix without '/'", a.name));
+  for (const std::string& f : a.files) {
+    std::error_code ec;
+    const auto st = std::filesystem::status(f, ec);
+    if (!std::filesystem::exists(st)) throw std::invalid_argument(fmt::format("{}: no such file", f));
+    if (std::filesystem::is_directory(st))
+      throw std::invalid_argument(fmt::format("{}: is a directory; give the files in it (e.g. {}/*.txt)", f, f));
+  }
+  if (std::filesystem::exists(a.out_dir) && !std::filesystem::is_directory(a.out_dir))
+    throw std::invalid_argument(fmt::format("--out-dir {}: exists and is not a directory", a.out_dir));
   return a;
 }
 
