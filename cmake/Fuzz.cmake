@@ -1,0 +1,26 @@
+# libFuzzer targets, one per fuzz/fuzz_*.cpp (tools/fuzz.sh configures, builds and runs them). Off
+# unless -DDEEPLORA_FUZZ=ON; needs clang (libFuzzer), and is meant for a CPU-only build
+# (-DDEEPLORA_CUDA=OFF -DDEEPLORA_MPI=OFF). The library is instrumented for coverage and built with
+# ASan + UBSan; every target links libFuzzer's main.
+option(DEEPLORA_FUZZ "Build the libFuzzer targets in fuzz/ (clang; see tools/fuzz.sh)" OFF)
+if(NOT DEEPLORA_FUZZ)
+  return()
+endif()
+if(NOT CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+  message(FATAL_ERROR "DEEPLORA_FUZZ needs clang (libFuzzer): configure with -DCMAKE_CXX_COMPILER=clang++")
+endif()
+set(DEEPLORA_SANITIZE -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g)
+target_compile_options(deeplora PRIVATE ${DEEPLORA_SANITIZE} -fsanitize=fuzzer-no-link)
+target_link_options(deeplora PUBLIC -fsanitize=address,undefined)
+file(GLOB DEEPLORA_FUZZ_TARGETS CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/fuzz_*.cpp)
+set(DEEPLORA_FUZZ_NAMES "")
+foreach(src ${DEEPLORA_FUZZ_TARGETS})
+  get_filename_component(name ${src} NAME_WE)
+  add_executable(${name} ${src})
+  target_link_libraries(${name} PRIVATE deeplora)
+  target_compile_options(${name} PRIVATE ${DEEPLORA_SANITIZE} -fsanitize=fuzzer)
+  target_link_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
+  list(APPEND DEEPLORA_FUZZ_NAMES ${name})
+endforeach()
+add_custom_target(fuzz DEPENDS ${DEEPLORA_FUZZ_NAMES})
+message(STATUS "deeplora: fuzz targets: ${DEEPLORA_FUZZ_NAMES}")
