@@ -183,6 +183,9 @@ StudySummary run_study(const StudyGrid& g, const StudyOptions& o) {
     to.weight_decay = m.weight_decay;
     to.seed = 1000 + uint64_t(run.seed);
     to.dtype = dtype_name(dt);
+    // A diverging run is a result, not an error: its non-finite steps are skipped (the weights keep their
+    // last finite values), counted in the record, and the run is scored like any other.
+    to.max_bad_steps = to.steps;
     to.adapter = m.adapter;
     if (!m.is_full()) {
       to.adapter.rank = run.rank;
@@ -207,6 +210,7 @@ StudySummary run_study(const StudyGrid& g, const StudyOptions& o) {
     rec.steps = to.steps;
     rec.batch = to.batch;
     rec.n_trainable = res.n_trainable;
+    rec.bad_steps = res.bad_steps;
     // Train loss: the mean over the last tenth of the steps (one step is noisy at small n).
     const size_t tail = std::max<size_t>(1, res.losses.size() / 10);
     for (size_t i = res.losses.size() - tail; i < res.losses.size(); ++i) rec.train_loss += res.losses[i] / double(tail);
@@ -248,8 +252,10 @@ StudySummary run_study(const StudyGrid& g, const StudyOptions& o) {
     done_keys.insert(run.key());
     ++sum.done;
     ++index;
-    say(fmt::format("[{}/{}] {} | steps {} | train loss {:.4f} | val {:.3f} | test {:.3f} | {:.2f} s", done.size(),
-                    plan.size(), run.key(), to.steps, rec.train_loss, rec.val_acc, rec.test_acc, rec.seconds));
+    say(fmt::format("[{}/{}] {} | steps {}{} | train loss {:.4f} | val {:.3f} | test {:.3f} | {:.2f} s", done.size(),
+                    plan.size(), run.key(), to.steps,
+                    rec.bad_steps ? fmt::format(" ({} skipped: non-finite)", rec.bad_steps) : std::string(),
+                    rec.train_loss, rec.val_acc, rec.test_acc, rec.seconds));
   }
   runs_out.close();
 

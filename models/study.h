@@ -85,6 +85,7 @@ struct RunRecord {
   StudyRun run;
   nlohmann::json options;  // the method's options
   int64_t steps = 0, batch = 0, n_trainable = 0;
+  int64_t bad_steps = 0;  // steps the trainer skipped for a non-finite loss or gradient norm (a diverging run)
   double train_loss = 0, val_acc = 0, val_acc_norm = 0, test_acc = 0, test_acc_norm = 0;
   double seconds = 0, train_seconds = 0, eval_seconds = 0;
   nlohmann::json to_json() const;

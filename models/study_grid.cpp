@@ -53,6 +53,7 @@ StudyMethod method_from_json(const json& j, const std::vector<StudyMethod>& defa
     }
   }
   a.init = get<std::string>(j, "init", a.init, what);
+  a.wide = get<bool>(j, "wide", a.wide, what);
   a.depth = get<int>(j, "depth", a.depth, what);
   a.eps = get<double>(j, "eps", a.eps, what);
   a.outer_lr_scale = get<double>(j, "outer_lr_scale", a.outer_lr_scale, what);
@@ -95,6 +96,7 @@ json StudyMethod::options() const {
     j.update({{"init", adapter.init}, {"depth", adapter.depth}, {"eps", adapter.eps},
               {"outer_lr_scale", adapter.outer_lr_scale}, {"svd_batches", adapter.svd_batches}});
     if (adapter.width_lr_ref > 0) j["width_lr_ref"] = adapter.width_lr_ref;
+    if (adapter.wide) j["wide"] = true;
     if (svd_all) j["svd_batches"] = "all";
   }
   if (adapter.kind != "none") j["adapt"] = adapter.adapt;
@@ -274,7 +276,8 @@ json RunRecord::to_json() const {
             {"seconds", seconds},
             {"train_seconds", train_seconds},
             {"eval_seconds", eval_seconds},
-            {"n_trainable", n_trainable}};
+            {"n_trainable", n_trainable},
+            {"bad_steps", bad_steps}};
   return j;
 }
 
@@ -300,6 +303,7 @@ RunRecord RunRecord::from_json(const json& j, const std::string& where) {
     r.train_seconds = j.value("train_seconds", 0.0);
     r.eval_seconds = j.value("eval_seconds", 0.0);
     r.n_trainable = j.value("n_trainable", int64_t(0));
+    r.bad_steps = j.value("bad_steps", int64_t(0));
   } catch (const std::exception& e) {
     throw std::runtime_error(fmt::format("{}: {}", where, e.what()));
   }
