@@ -43,8 +43,8 @@ fi
 if has test; then
   log "tests"
   # TEST_FILTER: a doctest -tc pattern (e.g. '*deep_mc*,*sparse*') to run a subset. Other knobs:
-  # BUILD_TARGETS (build only these), DEEPMC_METHODS (the deepmc stage's methods; default both).
-  (cd build && ./deeplora_tests --duration=false ${TEST_FILTER:+-tc="$TEST_FILTER"}) > "$OUT/logs/test.log" 2>&1
+  # TEST_EXCLUDE (a -tce pattern: cases to skip), BUILD_TARGETS (build only these), DEEPMC_METHODS (the deepmc stage's methods; default both).
+  (cd build && ./deeplora_tests --duration=false ${TEST_FILTER:+-tc="$TEST_FILTER"} ${TEST_EXCLUDE:+-tce="$TEST_EXCLUDE"}) > "$OUT/logs/test.log" 2>&1
   result[test]=$(grep -E "^\[doctest\] (test cases|assertions)" "$OUT/logs/test.log" | tr -s ' ' | paste -sd' ')
   grep -B2 -A8 "ERROR" "$OUT/logs/test.log" | head -60
 fi
@@ -259,10 +259,10 @@ fi
 
 if has study; then
   log "few-shot study: ${STUDY_GRID:-docs/fewshot/grid.json}, budget ${STUDY_BUDGET:-480} s"
-  ./build/study --grid "${STUDY_GRID:-docs/fewshot/grid.json}" --out docs/fewshot --resume \
-    --time-budget "${STUDY_BUDGET:-480}" --quiet > "$OUT/logs/study.log" 2>&1
+  ./build/study --grid "${STUDY_GRID:-docs/fewshot/grid.json}" --out "${STUDY_OUT:-docs/fewshot}" --resume \
+    --time-budget "${STUDY_BUDGET:-480}" > "$OUT/logs/study.log" 2>&1
   result[study]="exit $? | $(tail -1 "$OUT/logs/study.log" | cut -c1-120)"
-  tar -czf "$OUT/fewshot.tar.gz" docs/fewshot/runs.jsonl docs/fewshot/selection.jsonl docs/fewshot/study.json
+  tar -czf "$OUT/fewshot.tar.gz" -C "${STUDY_OUT:-docs/fewshot}" runs.jsonl selection.jsonl study.json
 fi
 
 if has sanitize; then
