@@ -24,6 +24,8 @@ report.md holds:
      (acc_vs_lr.png), and per method the tuning spread (best − median test accuracy over the lr grid,
      averaged over cells) and the selection regret (best − selected test accuracy).
   7. method variants (non-default method options) against the method's default, when present.
+  8. fit: mean training loss at each cell's selected lr (underfitting vs overfitting), and per method
+     the runs with skipped (non-finite) steps.
 Accuracies are in %, differences in percentage points. std is the sample std (n−1) over seeds.
 Bad input (missing or mistyped fields, unreadable files) is an error naming file:line, exit 2.
 Needs Debian's python3-matplotlib and python3-numpy (run with /usr/bin/python3).
@@ -180,6 +182,8 @@ def load_runs(path, metric):
             "test": _get(row, test_key, where, "num"),
             "seconds": _get(row, "seconds", where, "num?", required=False),
             "n_trainable": _get(row, "n_trainable", where, "int?", required=False),
+            "train_loss": _get(row, "train_loss", where, "num?", required=False),
+            "bad_steps": _get(row, "bad_steps", where, "int?", required=False, default=0) or 0,
             "options": row.get("options") if isinstance(row.get("options"), dict) else {},
         }
         r["label"] = label_of(r["method"], r["variant"])
@@ -978,6 +982,39 @@ def build(S, out_dir):
                         rows.append([task, rank_str(rank), lab] + cells)
         w(md_table(["task", "rank", "variant"] + [f"n={n}" for n in S.ns], rows))
         w("")
+
+    # 8. fit: does a method fit its training set? (underfitting vs overfitting)
+    w("## 8. Fit: training loss at the selected lr\n")
+    w("Mean training loss (the runner's mean over the last tenth of the steps) over seeds at each cell's selected "
+      f"lr, main rank {rank_str(S.main_rank)}, averaged over tasks; a method that beats another on test with a "
+      "higher training loss overfits less, one that loses with a higher training loss underfits. Runs with "
+      "skipped (non-finite) steps: count over all of the method's runs, and the lrs where they happened.\n")
+    R["fit"] = {}
+    rows = []
+    for lab in S.labels:
+        cells = []
+        for n in S.ns:
+            losses = []
+            for task in S.tasks:
+                c = S.cell_at(task, lab, n, S.main_rank)
+                if c is None or c not in S.sel:
+                    continue
+                seeds = S.grid[c].get(S.sel[c]["lr"], {})
+                losses += [r["train_loss"] for r in seeds.values() if r.get("train_loss") is not None]
+            if losses:
+                mu = statistics.fmean(losses)
+                R["fit"].setdefault(lab, {})[str(n)] = {"train_loss": mu, "runs": len(losses)}
+                cells.append(f"{mu:.3f}")
+            else:
+                cells.append("–")
+        mine = [r for r in S.runs if r["label"] == lab]
+        bad = [r for r in mine if r.get("bad_steps", 0) > 0]
+        where = sorted({r["lr"] for r in bad}, key=lr_key)
+        bad_s = f"{len(bad)} of {len(mine)}" + (f" (lr {', '.join(fmt_lr(x) for x in where)})" if bad else "")
+        if any(x != "–" for x in cells):
+            rows.append([lab] + cells + [bad_s])
+    w(md_table(["method"] + [f"n={n}" for n in S.ns] + ["runs with skipped steps"], rows))
+    w("")
 
     # figures
     fig_acc_vs_n(S, os.path.join(out_dir, "acc_vs_n.png"))
