@@ -297,7 +297,19 @@ int cpu_vs_cuda(const std::vector<Case>& cases) {
           if (!c.inputs[i].is_int) res[int(dev)].push_back(xs[i].grad().to_double());
       }
       for (size_t k = 0; k < res[0].size(); ++k) {
-        const double err = rel_err(res[1][k], res[0][k]);
+        // Relative to the reference, with the norm floored at 0.1 per element (inputs, weights and the
+        // gradients of the other cases are O(1) per element): a gradient that is zero in exact arithmetic
+        // (T = 1: one key, the softmax is 1, so dq = dk = 0) holds only the cancellation residue of
+        // dS = P (dP - D), ~1e-7 per element in f32 on CUDA; relative to ~0 that measured 6e23.
+        double num = 0, den = 0;
+        bool finite = true;
+        for (size_t i = 0; i < res[0][k].size(); ++i) {
+          finite = finite && std::isfinite(res[1][k][i]);
+          num += (res[1][k][i] - res[0][k][i]) * (res[1][k][i] - res[0][k][i]);
+          den += res[0][k][i] * res[0][k][i];
+        }
+        const double floor = 0.1 * std::sqrt(double(res[0][k].size()));
+        const double err = finite ? std::sqrt(num) / std::max(std::sqrt(den), floor) : INFINITY;
         CHECK_MESSAGE(err <= tol, fmt::format("{} {} {}: relative error {:.3g} > {}", c.name, dtype_name(dt),
                                               k == 0 ? "forward" : fmt::format("grad of input {}", k - 1), err, tol));
       }
