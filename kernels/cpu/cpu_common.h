@@ -3,6 +3,7 @@
 #pragma once
 #include <fmt/format.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -26,15 +27,11 @@ inline double ld(int32_t v) { return v; }
 // Correctly rounded double -> bf16, as __double2bfloat16 / cvt.rn.bf16.f64 on the GPU: round to
 // odd into float first, so the second rounding (float -> bf16, nearest even) cannot double-round.
 inline bf16 bf16_from_double(double x) {
-  float f = float(x);
-  if (double(f) != x && !std::isnan(x)) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((x > 0 && double(f) > x) || (x < 0 && double(f) < x)) u--;  // float neighbour toward zero
-    u |= 1u;
-    std::memcpy(&f, &u, 4);
-  }
-  return bf16(f);
+  const float f = float(x);
+  if (double(f) == x || std::isnan(x)) return bf16(f);
+  uint32_t u = std::bit_cast<uint32_t>(f);
+  if ((x > 0 && double(f) > x) || (x < 0 && double(f) < x)) u--;  // float neighbour toward zero
+  return bf16(std::bit_cast<float>(u | 1u));
 }
 
 template <class T> T st(double v);
