@@ -1,9 +1,11 @@
-// Adapter files: LoRA as PEFT's adapter_model.safetensors + adapter_config.json (GPT-2's Conv1D
-// targets: lora_A [r, in], lora_B [out, r] in nn.Linear layout, fan_in_fan_out = true), Deep LoRA as
+// Adapter files: LoRA as PEFT's adapter_model.safetensors + adapter_config.json (lora_A [r, in],
+// lora_B [out, r] in nn.Linear layout; module names, prefix and fan_in_fan_out from the model's family:
+// GPT-2's Conv1D targets have fan_in_fan_out = true), Deep LoRA as
 // our own pair of files with the spec's A [m, k], B [n, k], K_i [k, k] (or the wide W_i); and loading
 // either back onto a model with every layer and shape checked.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -21,26 +23,48 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kPeftPrefix = "base_model.model.transformer.";
+constexpr const char* kPeftRoot = "base_model.model.";
 
 Tensor host_f32(const Tensor& t) { return t.to(Device::cpu).to(DType::f32); }
 // Deeplora files keep the master dtype (f32; f64 for f64 experiments, so they round-trip exactly).
 Tensor host(const Tensor& t) { return t.to(Device::cpu); }
 
-// PEFT target_modules (suffix match on module names): c_proj exists in attn and mlp, so qualify it.
-std::vector<std::string> peft_targets(const Adapters& adapters) {
-  std::vector<std::string> order = {"c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"};
+// PEFT target_modules (suffix match on module names): for each adapted module within a block, in the
+// family's order, the shortest dotted suffix that matches adapted modules only (GPT-2: c_proj exists in
+// attn and mlp, so it is qualified unless both are adapted).
+std::vector<std::string> peft_targets(const Adapters& adapters, const CausalLMFamily& fam) {
+  auto ends = [](const std::string& s, const std::string& x) {
+    return s == x || (s.size() > x.size() && s.compare(s.size() - x.size() - 1, std::string::npos, "." + x) == 0);
+  };
   std::set<std::string> have;
-  for (auto& a : adapters) {
-    const std::string& m = a->module();
-    for (auto& t : order)
-      if (m.size() > t.size() && m.compare(m.size() - t.size() - 1, std::string::npos, "." + t) == 0) have.insert(t);
-  }
+  for (auto& a : adapters) have.insert(block_module(a->module()));
   std::vector<std::string> v;
-  for (auto& t : order)
-    if (have.count(t)) v.push_back(t);
-  if (v.size() == 4) v = {"c_attn", "c_proj", "c_fc"};
+  for (const std::string& m : fam.block_linears) {
+    if (!have.count(m)) continue;
+    std::string suffix = m;
+    for (size_t dot = m.rfind('.'); ; dot = m.rfind('.', dot - 1)) {
+      const std::string s = dot == std::string::npos ? m : m.substr(dot + 1);
+      bool only_adapted = true;
+      for (const std::string& other : fam.block_linears)
+        if (ends(other, s) && !have.count(other)) only_adapted = false;
+      if (only_adapted) {
+        suffix = s;
+        break;
+      }
+      if (dot == std::string::npos || dot == 0) break;
+    }
+    if (std::find(v.begin(), v.end(), suffix) == v.end()) v.push_back(suffix);
+  }
   return v;
+}
+
+const CausalLMFamily& family_of(const Adapters& adapters) {
+  const CausalLMFamily* f = adapters.front()->family();
+  check(f != nullptr, "save_adapters",
+        "the adapters do not record their model family (make them with attach_adapters or load_adapters)");
+  for (auto& a : adapters)
+    check(a->family() == f, "save_adapters", "adapters of different model families");
+  return *f;
 }
 
 nlohmann::json read_json(const fs::path& p) {
@@ -59,11 +83,11 @@ nlohmann::json read_json(const fs::path& p) {
 }
 
 // The model's layer `module` with the shape the file claims, or a clear error.
-Linear& layer_of(Gpt& model, const std::string& file, const std::string& module) {
+Linear& layer_of(CausalLM& model, const std::string& file, const std::string& module) {
   for (Linear* l : model.linears())
     if (l->name == module) return *l;
   mismatch(file, fmt::format("layer '{}' does not exist in this model ({} layers of width {})", module,
-                             model.config().n_layer, model.config().n_embd));
+                             model.n_layer(), model.hidden_size()));
 }
 
 void expect_shape(const std::string& file, const std::string& name, const Tensor& t, Shape want) {
@@ -89,21 +113,23 @@ void save_adapters(const Adapters& adapters, const AdapterOptions& o, const std:
   NamedTensors tensors;
   nlohmann::json cfg;
   if (kind == "lora") {
+    const CausalLMFamily& fam = family_of(adapters);
+    const std::string prefix = kPeftRoot + fam.hf_module_prefix;
     auto* first = static_cast<LoraAdapter*>(adapters.front().get());
     for (auto& a : adapters) {
       auto* l = static_cast<LoraAdapter*>(a.get());
       check(l->rank() == first->rank() && l->alpha() == first->alpha(), "save_adapters",
             "PEFT export needs one rank and alpha for all layers");
-      tensors.emplace_back(kPeftPrefix + a->module() + ".lora_A.weight", host_f32(l->A()));
-      tensors.emplace_back(kPeftPrefix + a->module() + ".lora_B.weight", host_f32(l->B()));
+      tensors.emplace_back(prefix + a->module() + ".lora_A.weight", host_f32(l->A()));
+      tensors.emplace_back(prefix + a->module() + ".lora_B.weight", host_f32(l->B()));
     }
     const double alpha = first->alpha();
     cfg = {{"peft_type", "LORA"},
            {"task_type", "CAUSAL_LM"},
            {"base_model_name_or_path", base_model},
            {"r", first->rank()},
-           {"target_modules", peft_targets(adapters)},
-           {"fan_in_fan_out", true},  // GPT-2's Conv1D stores W as [in, out]
+           {"target_modules", peft_targets(adapters, fam)},
+           {"fan_in_fan_out", fam.fan_in_fan_out},  // GPT-2's Conv1D stores W as [in, out]
            {"lora_dropout", 0.0},
            {"bias", "none"},
            {"use_rslora", false},
@@ -148,7 +174,7 @@ void save_adapters(const Adapters& adapters, const AdapterOptions& o, const std:
   write_file_atomic(cfg_path, cfg.dump(2) + "\n");
 }
 
-Adapters load_adapters(Gpt& model, const std::string& dir, const AdapterOptions& o, AdapterOptions* loaded) {
+Adapters load_adapters(CausalLM& model, const std::string& dir, const AdapterOptions& o, AdapterOptions* loaded) {
   const fs::path cfg_path = fs::path(dir) / "adapter_config.json";
   const std::string st_path = (fs::path(dir) / "adapter_model.safetensors").string();
   if (!fs::is_directory(dir))
@@ -159,6 +185,8 @@ Adapters load_adapters(Gpt& model, const std::string& dir, const AdapterOptions&
   for (Linear* l : model.linears())
     if (l->adapter)
       throw std::invalid_argument(fmt::format("load_adapters: layer {} already has an adapter (merge or detach first)", l->name));
+  const CausalLMFamily& fam = model.family();
+  const std::string peft_prefix = kPeftRoot + fam.hf_module_prefix;
   AdapterOptions lo = o;
   Adapters out;
   std::vector<Linear*> targets;
@@ -180,8 +208,8 @@ Adapters load_adapters(Gpt& model, const std::string& dir, const AdapterOptions&
       std::set<std::string> seen;
       for (auto& [key, t] : f.tensors) {
         std::string k = key;
-        for (const char* p : {"base_model.model.", "transformer."})
-          if (k.rfind(p, 0) == 0) k = k.substr(std::string(p).size());
+        for (const std::string& p : {std::string(kPeftRoot), fam.hf_module_prefix})
+          if (!p.empty() && k.rfind(p, 0) == 0) k = k.substr(p.size());
         std::string mod;
         for (const char* suf : {".lora_A.weight", ".lora_B.weight"}) {
           std::string s(suf);
@@ -194,9 +222,9 @@ Adapters load_adapters(Gpt& model, const std::string& dir, const AdapterOptions&
       for (const std::string& mod : modules) {
         Linear& l = layer_of(model, st_path, mod);
         auto get = [&](const char* which) -> const Tensor& {
-          for (const std::string& key : {std::string(kPeftPrefix) + mod + which, "base_model.model." + mod + which})
+          for (const std::string& key : {peft_prefix + mod + which, kPeftRoot + mod + which})
             if (f.contains(key)) return f.tensors.at(key);
-          mismatch(st_path, fmt::format("missing tensor '{}{}{}'", kPeftPrefix, mod, which));
+          mismatch(st_path, fmt::format("missing tensor '{}{}{}'", peft_prefix, mod, which));
         };
         const Tensor& A = get(".lora_A.weight");
         const Tensor& B = get(".lora_B.weight");
@@ -277,6 +305,7 @@ Adapters load_adapters(Gpt& model, const std::string& dir, const AdapterOptions&
     for (auto& a : out)
       for (auto& p : a->params())
         if (p.role == Adapter::Role::outer) p.tensor.set_requires_grad(false);
+  for (auto& a : out) a->set_family(&fam);
   for (size_t j = 0; j < out.size(); ++j) targets[j]->adapter = out[j];
   if (loaded) *loaded = lo;
   return out;

@@ -14,6 +14,7 @@
 #include "runtime/dist.h"
 #include "runtime/linalg.h"
 #include "runtime/ops.h"
+#include "runtime/ops_layout.h"
 #include "runtime/tape.h"
 
 namespace deeplora {
@@ -34,7 +35,7 @@ uint64_t seed_for(uint64_t seed, int64_t layer, uint64_t purpose) {
   return mix64(seed ^ mix64(uint64_t(layer) * 1024 + purpose));
 }
 
-// Compute-dtype view of a master: a recorded cast when the dtypes differ (as Gpt::work).
+// Compute-dtype view of a master: a recorded cast when the dtypes differ (as the models' work()).
 Tensor work(const Tensor& p, DType dt) { return p.dtype() == dt ? p : ops::cast(p, dt); }
 
 Tensor eye(int64_t k, double v, DType dt, Device dev) {
@@ -43,19 +44,16 @@ Tensor eye(int64_t k, double v, DType dt, Device dev) {
   return Tensor::from_vector(e, Shape{k, k}, dt, dev);
 }
 
-// [a, b] side by side (same rows), on the device, exactly: a·[I 0] + b·[0 I]. Not recorded.
+// [a, b] side by side (same rows) and Xᵀ, on the device, exact copies (runtime/ops_layout.h). Not
+// recorded.
 Tensor hcat(const Tensor& a, const Tensor& b) {
-  const int64_t r1 = a.dim(1), r2 = b.dim(1), c = r1 + r2;
-  std::vector<double> e1(size_t(r1 * c), 0.0), e2(size_t(r2 * c), 0.0);
-  for (int64_t i = 0; i < r1; ++i) e1[size_t(i * c + i)] = 1.0;
-  for (int64_t i = 0; i < r2; ++i) e2[size_t(i * c + r1 + i)] = 1.0;
-  Tensor E1 = Tensor::from_vector(e1, Shape{r1, c}, a.dtype(), a.device());
-  Tensor E2 = Tensor::from_vector(e2, Shape{r2, c}, a.dtype(), a.device());
-  return ops::add(ops::matmul(a, E1), ops::matmul(b, E2));
+  NoGrad ng;
+  return ops::concat({a, b});
 }
-
-// Xᵀ on the device (I·Xᵀ through the GEMM), exact. Not recorded.
-Tensor transpose(const Tensor& x) { return ops::matmul(eye(x.dim(1), 1.0, x.dtype(), x.device()), x, false, true); }
+Tensor transpose(const Tensor& x) {
+  NoGrad ng;
+  return ops::transpose(x);
+}
 
 void sync_if_cuda(Device d) {
   if (d == Device::cuda) cuda_sync();
@@ -228,23 +226,28 @@ Tensor WideDeepLoraAdapter::delta_weight() const {
 
 // ---- initialization -----------------------------------------------------------------------------
 
-std::vector<Linear*> adapted_linears(Gpt& model, const std::string& adapt) {
-  auto ends = [](const std::string& s, const char* suf) {
-    std::string x(suf);
-    return s.size() >= x.size() && s.compare(s.size() - x.size(), x.size(), x) == 0;
+std::vector<Linear*> adapted_linears(CausalLM& model, const std::string& adapt) {
+  auto ends = [](const std::string& s, const std::string& x) {
+    return s == x || (s.size() > x.size() && s.compare(s.size() - x.size() - 1, std::string::npos, "." + x) == 0);
   };
   if (adapt != "attn" && adapt != "attn-mlp" && adapt != "all")
     throw std::invalid_argument(
         fmt::format("--adapt '{}': expected attn (c_attn), attn-mlp (c_attn, c_fc, mlp.c_proj) or all", adapt));
+  const AdapterTargets& t = model.family().targets;
+  auto any_of = [&](const std::string& name, const std::vector<std::string>& mods) {
+    for (const std::string& m : mods)
+      if (ends(name, m)) return true;
+    return false;
+  };
   std::vector<Linear*> v;
   for (Linear* l : model.linears()) {
-    const bool attn_qkv = ends(l->name, "attn.c_attn"), mlp = ends(l->name, "mlp.c_fc") || ends(l->name, "mlp.c_proj");
-    if (adapt == "all" || attn_qkv || (adapt == "attn-mlp" && mlp)) v.push_back(l);
+    const bool attn = any_of(l->name, t.attn), mlp = any_of(l->name, t.mlp);
+    if (adapt == "all" || attn || (adapt == "attn-mlp" && mlp)) v.push_back(l);
   }
   return v;
 }
 
-std::vector<Tensor> weight_gradients(Gpt& model, const std::vector<Linear*>& layers,
+std::vector<Tensor> weight_gradients(CausalLM& model, const std::vector<Linear*>& layers,
                                      const std::function<LossBatch()>& next_batch, int n_batches) {
   check(n_batches >= 1, "weight_gradients", fmt::format("n_batches {} < 1", n_batches));
   check(bool(next_batch), "weight_gradients", "no batch source given (needed for the gradient-SVD init)");
@@ -336,7 +339,7 @@ void set_outer_trainable(const Adapters& adapters, bool t) {
 
 }  // namespace
 
-DeepLoraInit deeplora_gradsvd_init(Gpt& model, const AdapterOptions& o, const std::function<LossBatch()>& next_batch) {
+DeepLoraInit deeplora_gradsvd_init(CausalLM& model, const AdapterOptions& o, const std::function<LossBatch()>& next_batch) {
   o.validate();
   check(o.kind == "deeplora" && !o.wide, "deeplora_gradsvd_init", "needs --adapter deeplora (compressed)");
   std::vector<Linear*> layers = adapted_linears(model, o.adapt);
@@ -379,7 +382,7 @@ DeepLoraInit deeplora_gradsvd_init(Gpt& model, const AdapterOptions& o, const st
   return out;
 }
 
-Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
+Adapters attach_adapters(CausalLM& model, const AdapterOptions& o,
                          const std::function<LossBatch()>& next_batch, AdapterInitReport* report,
                          const DeepLoraInit* given) {
   o.validate();
@@ -450,6 +453,7 @@ Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
     rep.n_null_singular = f.report.n_null_singular;
   }
   if (o.kind == "deeplora" && !o.wide && o.outer_lr_scale == 0) set_outer_trainable(out, false);
+  for (auto& a : out) a->set_family(&model.family());
   for (size_t j = 0; j < layers.size(); ++j) layers[j]->adapter = out[j];
   rep.n_layers = int64_t(out.size());
   rep.n_trainable = n_adapter_params(out, true);
@@ -511,7 +515,7 @@ void load_adapter_state(const Adapters& adapters, const std::map<std::string, Te
     for (auto& p : a->params()) p.tensor.copy_from(state.at(p.name));
 }
 
-int64_t merge_adapters(Gpt& model) {
+int64_t merge_adapters(CausalLM& model) {
   int64_t n = 0;
   {
     NoGrad ng;
@@ -531,7 +535,7 @@ int64_t merge_adapters(Gpt& model) {
   return n;
 }
 
-void detach_adapters(Gpt& model) {
+void detach_adapters(CausalLM& model) {
   for (Linear* l : model.linears()) l->adapter.reset();
 }
 

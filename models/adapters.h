@@ -1,4 +1,4 @@
-// Adapters on the frozen linear layers of a Gpt: LoRA (PEFT convention) and compressed Deep LoRA
+// Adapters on the frozen linear layers of a CausalLM: LoRA (PEFT convention) and compressed Deep LoRA
 // (../shared/DEEP_LORA.md) with its gradient-SVD initialization, the wide deep reference, optimizer
 // groups, merging, and export/import (PEFT files for LoRA, our own files for Deep LoRA).
 #pragma once
@@ -10,7 +10,7 @@
 #include <utility>
 #include <vector>
 
-#include "models/gpt.h"
+#include "models/causal_lm.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/optim.h"
 #include "runtime/tensor.h"
@@ -63,12 +63,17 @@ class Adapter : public LinearAdapter {
   int64_t n_params(bool trainable_only = false) const;
   // The update ΔW [out, in] in the master dtype, computed without recording (export, tests).
   virtual Tensor delta_weight() const = 0;
+  // The family of the model it was made for (attach_adapters and load_adapters set it): the PEFT
+  // export takes the module prefix, fan_in_fan_out and target_modules' names from it.
+  const CausalLMFamily* family() const { return family_; }
+  void set_family(const CausalLMFamily* f) { family_ = f; }
 
  protected:
   Tensor& add_param(const std::string& short_name, Tensor t, Role role);
   std::string module_;
   int64_t out_, in_;
   std::vector<NamedParam> params_;
+  const CausalLMFamily* family_ = nullptr;
 };
 
 // PEFT LoRA: A [r, in] Kaiming-uniform (bound 1/sqrt(in)), B [out, r] = 0,
@@ -139,13 +144,14 @@ struct AdapterInitReport {
   std::string str() const;   // one log line; mentions completion when it happened
 };
 
-// The layers `adapt` selects, in model order. Throws naming the bad value.
-std::vector<Linear*> adapted_linears(Gpt& model, const std::string& adapt);
+// The layers `adapt` selects, in model order, by the family's target table (CausalLMFamily::targets).
+// Throws naming the bad value.
+std::vector<Linear*> adapted_linears(CausalLM& model, const std::string& adapt);
 
 // ∂loss/∂W0 [out, in] (master dtype) for each layer, averaged over n_batches batches from next_batch.
 // Only those weights require grad during the pass; afterwards every parameter's trainable flag is
 // what it was before, and no gradient is left on the model.
-std::vector<Tensor> weight_gradients(Gpt& model, const std::vector<Linear*>& layers,
+std::vector<Tensor> weight_gradients(CausalLM& model, const std::vector<Linear*>& layers,
                                      const std::function<LossBatch()>& next_batch, int n_batches);
 
 // DEEP_LORA.md step 3: O [m, n] with orthonormal rows (m <= n) or columns (m > n) for layer index
@@ -169,7 +175,7 @@ struct DeepLoraInit {
   std::vector<Tensor> A, B;      // per adapted layer, in model order
   AdapterInitReport report;      // grad_seconds, svd_seconds, n_completed, n_null_singular, n_layers
 };
-DeepLoraInit deeplora_gradsvd_init(Gpt& model, const AdapterOptions& o, const std::function<LossBatch()>& next_batch);
+DeepLoraInit deeplora_gradsvd_init(CausalLM& model, const AdapterOptions& o, const std::function<LossBatch()>& next_batch);
 
 // Validates o against the model, freezes the base model (model.freeze_all()), builds one adapter per
 // selected layer and installs it as the layer's adapter. deeplora + gradsvd runs the initialization
@@ -177,7 +183,7 @@ DeepLoraInit deeplora_gradsvd_init(Gpt& model, const AdapterOptions& o, const st
 // kind "none" attaches nothing and leaves the model as it is. Throws std::invalid_argument with the
 // flag's name on bad options, and if the model already has adapters.
 // `given`: the factors of deeplora_gradsvd_init (same rank and adapt), used instead of running it.
-Adapters attach_adapters(Gpt& model, const AdapterOptions& o,
+Adapters attach_adapters(CausalLM& model, const AdapterOptions& o,
                          const std::function<LossBatch()>& next_batch,
                          AdapterInitReport* report = nullptr, const DeepLoraInit* given = nullptr);
 
@@ -195,24 +201,25 @@ void load_adapter_state(const Adapters& adapters, const std::map<std::string, Te
                         const std::string& source);
 
 // W0 += ΔW for every adapted layer (in the master dtype), then removes the adapters from the model,
-// so save_hf_gpt writes a plain HF checkpoint. Returns the number of layers merged.
-int64_t merge_adapters(Gpt& model);
+// so save_hf writes a plain HF checkpoint. Returns the number of layers merged.
+int64_t merge_adapters(CausalLM& model);
 // Removes the adapters from the model's layers without merging.
-void detach_adapters(Gpt& model);
+void detach_adapters(CausalLM& model);
 
 // Export. lora: PEFT's adapter_model.safetensors + adapter_config.json in `dir` (loadable by
-// peft.PeftModel.from_pretrained on GPT2LMHeadModel). deeplora (and the wide reference): our own
+// peft.PeftModel.from_pretrained on the family's HF class, e.g. GPT2LMHeadModel; names from the
+// adapters' family). deeplora (and the wide reference): our own
 // adapter_model.safetensors (A [m,k], B [n,k], K1..KL [k,k] per layer; W1..WL for wide) +
 // adapter_config.json. base_model: recorded as base_model_name_or_path.
 void save_adapters(const Adapters& adapters, const AdapterOptions& o, const std::string& dir,
                    const std::string& base_model = "gpt2");
 
-// Reads a directory written by save_adapters (or by PEFT for a GPT-2 LoRA), checks every layer and
+// Reads a directory written by save_adapters (or by PEFT for a LoRA of the model's family), checks every layer and
 // shape against the model (throws std::runtime_error naming the file, layer and shapes), freezes the
 // base model and attaches the adapters. The structure (kind, rank, depth, layers) comes from the
 // file; only outer_lr_scale is taken from `o` (A, B frozen when 0). *loaded receives the file's
 // options (with o's outer_lr_scale) when given.
-Adapters load_adapters(Gpt& model, const std::string& dir, const AdapterOptions& o,
+Adapters load_adapters(CausalLM& model, const std::string& dir, const AdapterOptions& o,
                        AdapterOptions* loaded = nullptr);
 
 }  // namespace deeplora

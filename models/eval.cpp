@@ -109,12 +109,12 @@ McData load_mc_jsonl(const std::string& path, const Tokenizer& tok, int64_t seq_
   return d;
 }
 
-McScores score_mc(Gpt& model, const McData& data, const McScoreOptions& o) {
+McScores score_mc(CausalLM& model, const McData& data, const McScoreOptions& o) {
   check(o.max_batch_tokens > 0 && o.pad_multiple > 0, "score_mc", "max_batch_tokens and pad_multiple must be positive");
   NoGrad ng;
   const auto t0 = Clock::now();
   const Device dev = model.device();
-  const int64_t V = model.config().vocab_size, n_pos = model.config().n_positions;
+  const int64_t V = model.vocab_size(), n_pos = model.max_positions();
   const int32_t pad = int32_t(std::min<int64_t>(50256, V - 1));
   McScores s;
   s.n = int64_t(data.examples.size());
@@ -220,12 +220,12 @@ McScores score_mc(Gpt& model, const McData& data, const McScoreOptions& o) {
   return s;
 }
 
-LmLoss lm_loss(Gpt& model, const std::vector<int32_t>& tokens, int64_t seq_len, int64_t batch) {
+LmLoss lm_loss(CausalLM& model, const std::vector<int32_t>& tokens, int64_t seq_len, int64_t batch) {
   check(seq_len > 0 && batch > 0, "lm_loss", "sequence length and batch must be positive");
-  check(seq_len <= model.config().n_positions, "lm_loss",
-        fmt::format("sequence length {} exceeds the model's n_positions {}", seq_len, model.config().n_positions));
+  check(seq_len <= model.max_positions(), "lm_loss",
+        fmt::format("sequence length {} exceeds the model's n_positions {}", seq_len, model.max_positions()));
   check(tokens.size() >= 2, "lm_loss", fmt::format("{} tokens: need at least 2 to predict one", tokens.size()));
-  const int64_t V = model.config().vocab_size;
+  const int64_t V = model.vocab_size();
   for (size_t i = 0; i < tokens.size(); ++i)
     if (tokens[i] < 0 || tokens[i] >= V)
       throw std::runtime_error(
@@ -261,12 +261,12 @@ LmLoss lm_loss(Gpt& model, const std::vector<int32_t>& tokens, int64_t seq_len, 
   return r;
 }
 
-LmLoss example_loss(Gpt& model, const std::vector<Example>& examples, const McScoreOptions& o) {
+LmLoss example_loss(CausalLM& model, const std::vector<Example>& examples, const McScoreOptions& o) {
   check(o.max_batch_tokens > 0 && o.pad_multiple > 0, "example_loss", "max_batch_tokens and pad_multiple must be positive");
   NoGrad ng;
   const auto t0 = Clock::now();
   const Device dev = model.device();
-  const int64_t V = model.config().vocab_size, n_pos = model.config().n_positions;
+  const int64_t V = model.vocab_size(), n_pos = model.max_positions();
   std::vector<size_t> order(examples.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(),

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "models/gpt.h"
+#include "models/causal_lm.h"
 
 namespace deeplora {
 
@@ -60,7 +60,7 @@ struct McScores {
 };
 
 // Scores every choice of every example. Runs under NoGrad; the model is left as it was.
-McScores score_mc(Gpt& model, const McData& data, const McScoreOptions& o = {});
+McScores score_mc(CausalLM& model, const McData& data, const McScoreOptions& o = {});
 
 struct LmLoss {
   double loss = 0, ppl = 0;  // token-weighted mean NLL (nats) and exp of it
@@ -69,11 +69,11 @@ struct LmLoss {
 };
 // Next-token loss over a token stream cut into windows of seq_len + 1 tokens that overlap by one,
 // so every token after the first is predicted exactly once (the last window may be short).
-LmLoss lm_loss(Gpt& model, const std::vector<int32_t>& tokens, int64_t seq_len, int64_t batch);
+LmLoss lm_loss(CausalLM& model, const std::vector<int32_t>& tokens, int64_t seq_len, int64_t batch);
 
 // Token-weighted loss over the completion tokens of prompt/completion examples (each at most
 // n_positions + 1 tokens: fit_examples), batched like score_mc.
 struct Example;
-LmLoss example_loss(Gpt& model, const std::vector<Example>& examples, const McScoreOptions& o = {});
+LmLoss example_loss(CausalLM& model, const std::vector<Example>& examples, const McScoreOptions& o = {});
 
 }  // namespace deeplora

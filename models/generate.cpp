@@ -80,26 +80,26 @@ int32_t sample_token(const float* logits, int64_t n, double temperature, int64_t
   return idx[size_t(keep - 1)];
 }
 
-GenerateResult generate(Gpt& model, const std::vector<std::vector<int32_t>>& prompts, const GenerateOptions& o) {
+GenerateResult generate(CausalLM& model, const std::vector<std::vector<int32_t>>& prompts, const GenerateOptions& o) {
   o.validate();
   check(!prompts.empty(), "generate", "no prompts");
   NoGrad ng;
-  const GptConfig& cfg = model.config();
   const Device dev = model.device();
-  const int64_t B = int64_t(prompts.size()), Vp = cfg.padded_vocab();
-  const int64_t V = o.n_vocab > 0 ? std::min(o.n_vocab, cfg.vocab_size) : cfg.vocab_size;
+  const int64_t B = int64_t(prompts.size()), Vp = model.padded_vocab(), n_positions = model.max_positions();
+  const int64_t vocab = model.vocab_size();
+  const int64_t V = o.n_vocab > 0 ? std::min(o.n_vocab, vocab) : vocab;
   int64_t Tp = 0;
   for (size_t i = 0; i < prompts.size(); ++i) {
     const auto& p = prompts[i];
     if (p.empty()) throw std::invalid_argument(fmt::format("generate: prompt {} is empty", i));
-    if (int64_t(p.size()) + o.max_new_tokens > cfg.n_positions)
+    if (int64_t(p.size()) + o.max_new_tokens > n_positions)
       throw std::invalid_argument(fmt::format("generate: prompt {} has {} tokens; with --max-new-tokens {} that exceeds "
                                               "the model's n_positions {}",
-                                              i, p.size(), o.max_new_tokens, cfg.n_positions));
+                                              i, p.size(), o.max_new_tokens, n_positions));
     for (int32_t t : p)
-      if (t < 0 || t >= cfg.vocab_size)
+      if (t < 0 || t >= vocab)
         throw std::invalid_argument(
-            fmt::format("generate: prompt {} has token id {} outside the vocabulary ({})", i, t, cfg.vocab_size));
+            fmt::format("generate: prompt {} has token id {} outside the vocabulary ({})", i, t, vocab));
     Tp = std::max<int64_t>(Tp, int64_t(p.size()));
   }
   GenerateResult r;

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "models/gpt.h"
+#include "models/causal_lm.h"
 
 namespace deeplora {
 
@@ -37,7 +37,7 @@ struct GenerateResult {
 
 // Every prompt must be non-empty and fit n_positions together with max_new_tokens (else
 // std::invalid_argument naming the prompt). Runs under NoGrad.
-GenerateResult generate(Gpt& model, const std::vector<std::vector<int32_t>>& prompts, const GenerateOptions& o);
+GenerateResult generate(CausalLM& model, const std::vector<std::vector<int32_t>>& prompts, const GenerateOptions& o);
 
 // Picks a token from one row of logits (n values) as generate does with temperature > 0: softmax of
 // logits / temperature restricted to top_k, then to top_p (HF's order), one draw from rng.

@@ -14,6 +14,7 @@
 #include "runtime/io/atomic_file.h"
 #include "runtime/ops.h"
 #include "runtime/ops_cache.h"
+#include "runtime/ops_layout.h"
 #include "runtime/tape.h"
 
 namespace deeplora {
@@ -196,12 +197,6 @@ std::vector<std::pair<std::string, Param*>> Gpt::named_params() {
   return v;
 }
 
-Param& Gpt::param(const std::string& name) {
-  for (auto& [n, p] : named_params())
-    if (n == name) return *p;
-  throw std::invalid_argument(fmt::format("GPT: no parameter named '{}'", name));
-}
-
 std::vector<Linear*> Gpt::linears() {
   std::vector<Linear*> v;
   for (auto& b : blocks_) {
@@ -211,42 +206,6 @@ std::vector<Linear*> Gpt::linears() {
     v.push_back(&b.mlp_proj);
   }
   return v;
-}
-
-Linear& Gpt::linear(const std::string& module) {
-  for (Linear* l : linears())
-    if (l->name == module) return *l;
-  throw std::invalid_argument(fmt::format("GPT: no linear layer named '{}'", module));
-}
-
-void Gpt::freeze_all() {
-  for (auto& [n, p] : named_params()) set_trainable(n, false);
-}
-
-void Gpt::set_trainable(const std::string& name, bool t) {
-  Param& p = param(name);
-  p.trainable = t;
-  p.master.set_requires_grad(t);
-  p.master.zero_grad();
-  p.frozen_work = Tensor();
-}
-
-std::vector<Tensor> Gpt::trainable_tensors() {
-  std::vector<Tensor> v;
-  for (auto& [n, p] : named_params())
-    if (p->trainable) v.push_back(p->master);
-  return v;
-}
-
-int64_t Gpt::n_trainable() const {
-  int64_t n = 0;
-  for (auto& [name, p] : const_cast<Gpt*>(this)->named_params())
-    if (p->trainable) n += p->master.numel();
-  return n;
-}
-
-void Gpt::invalidate_frozen_cache() {
-  for (auto& [n, p] : named_params()) p->frozen_work = Tensor();
 }
 
 Tensor Gpt::work(Param& p) {
@@ -270,21 +229,10 @@ Tensor Gpt::apply_linear(Linear& l, const Tensor& x, const Tensor& residual) {
 Tensor Gpt::forward(const Tensor& tokens) {
   const int64_t V = cfg_.vocab_size, Vp = cfg_.padded_vocab();
   if (Vp == V) return forward_padded(tokens);
-  // Drop the padding columns (a host copy: forward() serves tools and tests, training uses the padded
-  // form). The copy is not differentiable, so the whole forward runs without the tape: recording it
-  // would leave nodes behind that no backward ever consumes.
+  // Drop the padding columns (a last-dim slice on the device). forward() serves tools and tests,
+  // training uses the padded form, so the whole forward runs without the tape, as it always has.
   NoGrad ng;
-  Tensor lp = forward_padded(tokens);
-  Tensor h = lp.to(Device::cpu);
-  const int64_t rows = h.numel() / Vp;
-  Tensor o = Tensor::empty(Shape{rows, V}, h.dtype(), Device::cpu);
-  const size_t es = dtype_size(h.dtype());
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(static_cast<char*>(o.data()) + size_t(r * V) * es, static_cast<char*>(h.data()) + size_t(r * Vp) * es,
-                size_t(V) * es);
-  Shape s = lp.shape();
-  s[-1] = V;
-  return o.reshape(s).to(dev_);
+  return ops::slice_last(forward_padded(tokens), 0, V);
 }
 
 Tensor Gpt::forward_padded(const Tensor& tokens) {

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <set>
 #include <stdexcept>
+#include <tuple>
 
 #include "runtime/tape.h"
 
@@ -34,7 +35,10 @@ Tensor transpose2d_host(const Tensor& t) {
   return o.to(t.dtype());
 }
 
-void load_hf_weights(Gpt& model, const std::string& path) {
+void load_hf_weights(Gpt& model, const std::string& path) { model.load_hf_weights(path); }
+
+void Gpt::load_hf_weights(const std::string& path) {
+  Gpt& model = *this;
   SafetensorsFile f = load_safetensors(path);
   std::set<std::string> used;
   auto lookup = [&](const std::string& name) -> const Tensor* {
@@ -98,7 +102,10 @@ std::unique_ptr<Gpt> load_hf_gpt(const std::string& dir, DType compute, Device d
   return model;
 }
 
-NamedTensors hf_state_dict(Gpt& model) {
+NamedTensors hf_state_dict(Gpt& model) { return model.hf_state_dict(); }
+
+NamedTensors Gpt::hf_state_dict() {
+  Gpt& model = *this;
   NamedTensors out;
   for (auto& [name, p] : model.named_params()) {
     Tensor h = p->master.to(Device::cpu).to(DType::f32);
@@ -110,10 +117,40 @@ NamedTensors hf_state_dict(Gpt& model) {
   return out;
 }
 
-void save_hf_gpt(Gpt& model, const std::string& dir, SafeDType as) {
-  fs::create_directories(dir);
-  save_safetensors((fs::path(dir) / "model.safetensors").string(), hf_state_dict(model), {{"format", "pt"}}, as);
-  model.config().save_json_file((fs::path(dir) / "config.json").string());
+void save_hf_gpt(Gpt& model, const std::string& dir, SafeDType as) { model.save_hf(dir, as); }
+
+// ---- the "gpt2" family ------------------------------------------------------------------------------
+
+CausalLMFamily gpt2_family() {
+  CausalLMFamily f;
+  f.model_type = "gpt2";
+  f.architecture = "GPT2LMHeadModel";
+  f.random_init = [](const std::string& config_path, const std::string& preset, const ModelSizes& sizes, DType dt,
+                     Device dev, uint64_t seed) -> std::unique_ptr<CausalLM> {
+    GptConfig c = !config_path.empty() ? GptConfig::from_json_file(config_path) : GptConfig::preset(preset);
+    if (sizes.n_layer == 0 && sizes.n_head == 0 && sizes.n_embd == 0 && sizes.n_positions == 0)
+      return std::make_unique<Gpt>(c, dt, dev, seed);
+    for (auto [v, dst, flag] : {std::tuple{sizes.n_layer, &c.n_layer, "--n-layer"}, {sizes.n_head, &c.n_head, "--n-head"},
+                                {sizes.n_embd, &c.n_embd, "--n-embd"}, {sizes.n_positions, &c.n_positions, "--n-positions"}}) {
+      if (v < 0) throw std::invalid_argument(fmt::format("{} {}: must be positive", flag, v));
+      if (v > 0) *dst = v;
+    }
+    try {
+      c.validate();
+    } catch (const std::exception& e) {
+      throw std::invalid_argument(fmt::format("model size flags: {}", e.what()));
+    }
+    return std::make_unique<Gpt>(c, dt, dev, seed);
+  };
+  f.presets = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "small-cpu", "tiny"};
+  f.preset_aliases = {"gpt2-small", "d12"};
+  f.block_linears = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"};
+  f.targets.attn = {"attn.c_attn"};
+  f.targets.mlp = {"mlp.c_fc", "mlp.c_proj"};
+  f.targets.peft_default = {"c_attn"};  // PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["gpt2"]
+  f.hf_module_prefix = "transformer.";
+  f.fan_in_fan_out = true;  // Conv1D stores W as [in, out]
+  return f;
 }
 
 }  // namespace deeplora

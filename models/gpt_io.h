@@ -9,7 +9,8 @@
 
 namespace deeplora {
 
-// Reads config.json from `dir` and the weights from dir/model.safetensors into a new model.
+// Reads config.json from `dir` and the weights from dir/model.safetensors into a new model (GPT-2 code;
+// the generic loader is load_hf_causal_lm).
 std::unique_ptr<Gpt> load_hf_gpt(const std::string& dir, DType compute, Device dev);
 // Copies the weights of an HF safetensors file into `model`. Throws naming the file and tensor on a
 // missing, unexpected, mis-shaped or non-finite tensor.
@@ -19,6 +20,8 @@ void load_hf_weights(Gpt& model, const std::string& safetensors_path);
 void save_hf_gpt(Gpt& model, const std::string& dir, SafeDType as = SafeDType::f32);
 // Host f32 tensors under HF names, Conv1D weights transposed to [in, out]: what save_hf_gpt writes.
 NamedTensors hf_state_dict(Gpt& model);
+// The registry entry of GPT-2 ("gpt2"; models/families.cpp lists it).
+CausalLMFamily gpt2_family();
 // Row-major 2-D transpose on the host (f32/f64/bf16 preserved).
 Tensor transpose2d_host(const Tensor& t);
 

@@ -8,7 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
-#include "models/gpt_io.h"
+#include "models/causal_lm.h"
 #include "runtime/device.h"
 
 namespace deeplora {
@@ -36,7 +36,7 @@ LoadedModel load_for_inference(const std::string& model_dir, const std::string& 
                                               cfg.string(), base));
     lm.model_dir = base;
   }
-  lm.model = load_hf_gpt(lm.model_dir, dt, dev);
+  lm.model = load_hf_causal_lm(lm.model_dir, dt, dev);
   if (!adapter_dir.empty()) {
     AdapterOptions o;
     o.outer_lr_scale = 0;  // inference: nothing trains

@@ -5,12 +5,12 @@
 #include <string>
 
 #include "models/adapters.h"
-#include "models/gpt.h"
+#include "models/causal_lm.h"
 
 namespace deeplora {
 
 struct LoadedModel {
-  std::unique_ptr<Gpt> model;
+  std::unique_ptr<CausalLM> model;  // any registered family (config.json's model_type)
   Adapters adapters;       // attached (unmerged) unless merged at load
   AdapterOptions adapter;  // what the adapter directory holds (kind "none" without one)
   std::string model_dir;   // the base actually loaded (from the adapter's record when not given)

@@ -13,7 +13,7 @@
 #include <set>
 #include <stdexcept>
 
-#include "models/gpt_io.h"
+#include "models/causal_lm.h"
 #include "models/inference.h"
 #include "models/tokenizer.h"
 #include "models/trainer.h"
@@ -124,9 +124,9 @@ StudySummary run_study(const StudyGrid& g, const StudyOptions& o) {
   const Device dev = device_from_flag(o.device);
   const DType dt = dtype_from_flag(g.dtype, dev);
   LoadedModel lm = load_for_inference(g.base, "", dt, dev);
-  Gpt& model = *lm.model;
+  CausalLM& model = *lm.model;
   Tokenizer tok = Tokenizer::from_dir(resolve_vocab_dir(o.vocab_dir, g.base));
-  const int64_t n_pos = model.config().n_positions;
+  const int64_t n_pos = model.max_positions();
   std::vector<StudyTask> tasks;
   for (const std::string& d : g.tasks) tasks.push_back(load_study_task(d, tok, n_pos));
   std::set<std::string> task_names;
@@ -142,7 +142,7 @@ StudySummary run_study(const StudyGrid& g, const StudyOptions& o) {
   }
   const double load_seconds = since(t0);
   say(fmt::format("study: base {} ({}) | {} tasks | {} runs planned, {} already done | {} on {}", g.base,
-                  model.config().str(), tasks.size(), plan.size(), done_keys.size(), dtype_name(dt), device_name(dev)));
+                  model.describe(), tasks.size(), plan.size(), done_keys.size(), dtype_name(dt), device_name(dev)));
 
   std::ofstream runs_out(runs_path, std::ios::app);
   if (!runs_out) throw std::runtime_error(fmt::format("{}: cannot write", runs_path.string()));
@@ -228,7 +228,7 @@ StudySummary run_study(const StudyGrid& g, const StudyOptions& o) {
         ao.seed = to.seed;
         save_adapters(res.adapters, ao, d.string(), fs::absolute(g.base).lexically_normal().string());
       } else {
-        save_hf_gpt(model, d.string());
+        model.save_hf(d.string());
       }
       write_file_atomic((d / "run.json").string(), rec.to_json().dump(2) + "\n");
       export_s += since(t_ex);
@@ -303,7 +303,7 @@ StudySummary run_study(const StudyGrid& g, const StudyOptions& o) {
   }
   study["grid"] = g.to_json();
   study["base"] = g.base;
-  study["base_config"] = model.config().str();
+  study["base_config"] = model.describe();
   if (fs::exists(fs::path(g.base).parent_path() / "summary.json")) {
     try {
       json bs = json::parse(std::ifstream(fs::path(g.base).parent_path() / "summary.json"));

@@ -26,7 +26,7 @@ int64_t max_loss_rows(const std::vector<Example>& examples, int64_t B, int64_t T
   return std::max<int64_t>(sum, 1);
 }
 
-TrainStep::TrainStep(Gpt& model, AdamW& opt, Options o) : model_(model), opt_(opt), o_(std::move(o)) {
+TrainStep::TrainStep(CausalLM& model, AdamW& opt, Options o) : model_(model), opt_(opt), o_(std::move(o)) {
   check(o_.batch > 0 && o_.seq_len > 0 && o_.grad_accum > 0 && o_.loss_rows >= 0 && o_.clip >= 0, "TrainStep",
         fmt::format("batch {}, seq_len {} and grad_accum {} must be positive, loss_rows {} and clip {} >= 0", o_.batch,
                     o_.seq_len, o_.grad_accum, o_.loss_rows, o_.clip));

@@ -11,7 +11,7 @@
 #include <memory>
 #include <vector>
 
-#include "models/gpt.h"
+#include "models/causal_lm.h"
 #include "runtime/io/dataloader.h"
 #include "runtime/optim.h"
 
@@ -24,7 +24,7 @@ class TrainStep {
   struct Options {
     int64_t batch = 0, seq_len = 0, grad_accum = 1;
     // Example data: at most this many loss positions per micro-batch, padded to it, so that only
-    // those rows reach the lm_head (Gpt::loss_at). 0: dense targets [B, T] (token streams).
+    // those rows reach the lm_head (CausalLM::loss_at). 0: dense targets [B, T] (token streams).
     int64_t loss_rows = 0;
     double clip = 1.0;  // global-norm clip (0: off)
     bool cuda_graph = true;
@@ -39,7 +39,7 @@ class TrainStep {
     bool skipped = false;             // a non-finite loss or norm: the weights were not touched
   };
 
-  TrainStep(Gpt& model, AdamW& opt, Options o);
+  TrainStep(CausalLM& model, AdamW& opt, Options o);
   ~TrainStep();
   TrainStep(const TrainStep&) = delete;
   TrainStep& operator=(const TrainStep&) = delete;
@@ -53,7 +53,7 @@ class TrainStep {
 
  private:
   void step();
-  Gpt& model_;
+  CausalLM& model_;
   AdamW& opt_;
   Options o_;
   std::vector<Tensor> tokens_, targets_, rows_;

@@ -16,8 +16,7 @@
 #include <optional>
 
 #include "models/generate.h"
-#include "models/gpt.h"
-#include "models/gpt_io.h"
+#include "models/causal_lm.h"
 #include "models/tokenizer.h"
 #include "runtime/device.h"
 #include "runtime/dist.h"
@@ -209,7 +208,7 @@ std::vector<std::vector<int32_t>> load_prompts(const std::string& path, const To
 }
 
 // A batch on the device. Example batches carry only their loss positions (rows, compact targets):
-// the lm_head then runs on those alone (Gpt::loss_at).
+// the lm_head then runs on those alone (CausalLM::loss_at).
 struct Tensors2 {
   Tensor in, tgt, rows;
 };
@@ -241,13 +240,13 @@ Tensors2 to_device(const Batch& b, Device dev, bool sparse) {
   t.tgt = Tensor::from_ints(r.targets, Shape{n}, dev);
   return t;
 }
-Tensor batch_loss(Gpt& model, const Tensors2& t) {
+Tensor batch_loss(CausalLM& model, const Tensors2& t) {
   return t.rows.defined() ? model.loss_at(t.in, t.rows, t.tgt) : model.loss(t.in, t.tgt);
 }
 
 // The validation loss: the mean over every loss token of the first n batches (token-weighted, so one
 // process and N ranks at the same global batch agree for examples of varied lengths too).
-double evaluate(Gpt& model, DataLoader& val, int64_t n_batches) {
+double evaluate(CausalLM& model, DataLoader& val, int64_t n_batches) {
   NoGrad ng;
   val.seek(0, 0);
   const int64_t n = std::min<int64_t>(n_batches, val.batches_per_epoch());
@@ -308,7 +307,7 @@ NamedTensors finite_host_copies(const NamedTensors& ts, const std::string& what)
   }
   return out;
 }
-NamedTensors model_state(Gpt& model, const Adapters& adapters) {
+NamedTensors model_state(CausalLM& model, const Adapters& adapters) {
   NamedTensors w;
   for (auto& [name, p] : model.named_params()) w.emplace_back(name, p->master);
   for (auto& [n, t] : adapter_state(adapters)) w.emplace_back(n, t);
@@ -320,7 +319,7 @@ NamedTensors model_state(Gpt& model, const Adapters& adapters) {
 // Every tensor is checked finite first: a checkpoint that would hold a NaN is not written at all and
 // the run stops (latest still names the last good one).
 // (epoch, position): where the data loader resumes, i.e. before any batch fetched ahead.
-void save_checkpoint(const TrainOptions& o, Gpt& model, const Adapters& adapters, AdamW& opt, int64_t step,
+void save_checkpoint(const TrainOptions& o, CausalLM& model, const Adapters& adapters, AdamW& opt, int64_t step,
                      int64_t epoch, int64_t position) {
   const fs::path dir = fs::path(o.out_dir) / fmt::format("ckpt-{:08d}", step);
   std::string prev;
@@ -341,7 +340,7 @@ void save_checkpoint(const TrainOptions& o, Gpt& model, const Adapters& adapters
   nlohmann::json j = {{"step", step}, {"epoch", epoch}, {"position", position}, {"seed", o.seed},
                       {"optimizer_steps", opt.step_count()}};
   write_file_atomic((dir / "trainer.json").string(), j.dump(2));
-  model.config().save_json_file((dir / "config.json").string());
+  model.save_config((dir / "config.json").string());
   write_file_atomic((fs::path(o.out_dir) / "latest").string(), dir.filename().string() + "\n");
   // Keep the previous checkpoint too; drop older ones.
   for (auto& e : fs::directory_iterator(o.out_dir)) {
@@ -358,7 +357,7 @@ struct Checkpoint {
   SafetensorsFile weights, optim;
 };
 
-Checkpoint read_checkpoint(const fs::path& dir, Gpt& model) {
+Checkpoint read_checkpoint(const fs::path& dir, CausalLM& model) {
   Checkpoint c;
   c.dir = dir;
   if (!fs::is_directory(dir)) throw std::runtime_error(fmt::format("{}: not a checkpoint directory", dir.string()));
@@ -387,7 +386,7 @@ Checkpoint read_checkpoint(const fs::path& dir, Gpt& model) {
   return c;
 }
 
-void apply_checkpoint(const Checkpoint& c, Gpt& model, const Adapters& adapters, AdamW& opt, DataLoader& dl) {
+void apply_checkpoint(const Checkpoint& c, CausalLM& model, const Adapters& adapters, AdamW& opt, DataLoader& dl) {
   for (auto& [pname, p] : model.named_params()) {
     NoGrad ng;
     p->master.copy_from(c.weights.at(pname));
@@ -403,7 +402,7 @@ void apply_checkpoint(const Checkpoint& c, Gpt& model, const Adapters& adapters,
 // --resume: the checkpoint out/latest names; if it fails its check (missing or corrupt file, a
 // non-finite value, a shape the model does not have), the newest other ckpt-* that passes, saying
 // so. Returns the step it resumes after.
-int64_t load_checkpoint(const TrainOptions& o, Gpt& model, const Adapters& adapters, AdamW& opt, DataLoader& dl,
+int64_t load_checkpoint(const TrainOptions& o, CausalLM& model, const Adapters& adapters, AdamW& opt, DataLoader& dl,
                         bool writes, const std::function<void(const std::string&)>& say) {
   const fs::path out(o.out_dir), latest = out / "latest";
   std::string name;
@@ -441,13 +440,13 @@ int64_t load_checkpoint(const TrainOptions& o, Gpt& model, const Adapters& adapt
 
 // --save-best: <out>/best holds the adapter (adapter runs) or the HF model (full training) of the best
 // eval so far, and best/info.json its step and value; written to best.tmp, then swapped in.
-void save_best(const TrainOptions& o, Gpt& model, const Adapters& adapters, const AdapterOptions& ao,
+void save_best(const TrainOptions& o, CausalLM& model, const Adapters& adapters, const AdapterOptions& ao,
                const std::string& base, int64_t step, double value) {
   const fs::path dir = fs::path(o.out_dir) / "best", tmp = fs::path(o.out_dir) / "best.tmp";
   finite_host_copies(model_state(model, adapters), dir.string());
   fs::remove_all(tmp);
   if (!adapters.empty()) save_adapters(adapters, ao, (tmp / "adapter").string(), base);
-  else save_hf_gpt(model, tmp.string());
+  else model.save_hf(tmp.string());
   write_file_atomic((tmp / "info.json").string(),
                     nlohmann::json{{"step", step}, {"metric", o.save_best}, {"value", value}}.dump(2) + "\n");
   fs::remove_all(dir);
@@ -473,32 +472,24 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
 
 }  // namespace
 
-std::unique_ptr<Gpt> make_model(const TrainOptions& o, DType dt, Device dev) {
+std::unique_ptr<CausalLM> make_model(const TrainOptions& o, DType dt, Device dev) {
   const bool random = !o.preset.empty() || !o.model_config.empty() || o.n_layer || o.n_head || o.n_embd || o.n_positions;
   if (!o.model_dir.empty()) {
     if (random)
       throw std::invalid_argument("--model loads a trained model; --preset, --model-config and --n-layer/--n-head/"
                                   "--n-embd/--n-positions are for a random init: give one or the other");
-    return load_hf_gpt(o.model_dir, dt, dev);
+    return load_hf_causal_lm(o.model_dir, dt, dev);
   }
   if (!random)
     throw std::invalid_argument("train: no model: give --model DIR (an HF GPT-2 directory to fine-tune), or a random "
                                 "init with --preset NAME, --model-config config.json or --n-layer/--n-head/--n-embd");
   if (!o.preset.empty() && !o.model_config.empty())
     throw std::invalid_argument("--preset and --model-config both describe the model: give one");
-  GptConfig c = !o.model_config.empty() ? GptConfig::from_json_file(o.model_config)
-                : GptConfig::preset(o.preset.empty() ? "gpt2" : o.preset);
-  for (auto [v, dst, flag] : {std::tuple{o.n_layer, &c.n_layer, "--n-layer"}, {o.n_head, &c.n_head, "--n-head"},
-                              {o.n_embd, &c.n_embd, "--n-embd"}, {o.n_positions, &c.n_positions, "--n-positions"}}) {
-    if (v < 0) throw std::invalid_argument(fmt::format("{} {}: must be positive", flag, v));
-    if (v > 0) *dst = v;
-  }
-  try {
-    c.validate();
-  } catch (const std::exception& e) {
-    throw std::invalid_argument(fmt::format("model size flags: {}", e.what()));
-  }
-  return std::make_unique<Gpt>(c, dt, dev, o.seed);
+  const ModelSizes sizes{o.n_layer, o.n_head, o.n_embd, o.n_positions};
+  if (!o.model_config.empty())
+    return causal_lm_family(read_model_type(o.model_config)).random_init(o.model_config, "", sizes, dt, dev, o.seed);
+  const std::string preset = o.preset.empty() ? "gpt2" : o.preset;
+  return family_of_preset(preset).random_init("", preset, sizes, dt, dev, o.seed);
 }
 
 std::vector<Example> load_examples(const std::vector<std::string>& paths, const Tokenizer& tok, int64_t seq_len,
@@ -650,22 +641,22 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
   }
 
   // ---- model ----------------------------------------------------------------------------------------
-  std::unique_ptr<Gpt> own_model;
+  std::unique_ptr<CausalLM> own_model;
   if (!in.model) own_model = make_model(o, dt, dev);
-  Gpt& model = in.model ? *in.model : *own_model;
-  const GptConfig& cfg = model.config();
-  if (o.seq_len > cfg.n_positions)
-    throw std::invalid_argument(fmt::format("--seq-len {} exceeds the model's n_positions {}", o.seq_len, cfg.n_positions));
-  if (o.sample_tokens >= cfg.n_positions)
+  CausalLM& model = in.model ? *in.model : *own_model;
+  const int64_t n_positions = model.max_positions(), vocab_size = model.vocab_size();
+  if (o.seq_len > n_positions)
+    throw std::invalid_argument(fmt::format("--seq-len {} exceeds the model's n_positions {}", o.seq_len, n_positions));
+  if (o.sample_tokens >= n_positions)
     throw std::invalid_argument(fmt::format("--sample-tokens {}: must be below the model's n_positions {} (a sample "
                                             "starts from at least one prompt token)",
-                                            o.sample_tokens, cfg.n_positions));
+                                            o.sample_tokens, n_positions));
   if (dev == Device::cuda) reset_gpu_peak();
-  say(fmt::format("model: {} | {} {} | device {}", cfg.str(), dtype_name(dt),
+  say(fmt::format("model: {} | {} {} | device {}", model.describe(), dtype_name(dt),
                   in.model ? "given" : o.model_dir.empty() ? "random init" : o.model_dir, device_name(dev)));
 
   // ---- data -------------------------------------------------------------------------------------------
-  Data data = make_data(o, in, tok, cfg.vocab_size, dc);
+  Data data = make_data(o, in, tok, vocab_size, dc);
   DataLoader& dl = *data.train;
   const int64_t tokens_per_step = o.batch * o.seq_len * o.grad_accum * dc.world;  // DP: global
   const int64_t total_steps =
@@ -691,20 +682,20 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
     for (const McExample& e : m->examples) {
       std::vector<int32_t> all = e.prompt;
       for (const auto& c : e.choices) all.insert(all.end(), c.begin(), c.end());
-      check_ids(all, cfg.vocab_size, fmt::format("{}:{}", m->path, e.line), tok);
+      check_ids(all, vocab_size, fmt::format("{}:{}", m->path, e.line), tok);
     }
   std::vector<std::vector<int32_t>> prompts;
   if (!o.eval_prompts.empty()) {
     if (!tok) throw std::invalid_argument("--eval-prompts needs a tokenizer (--vocab-dir)");
     prompts = load_prompts(o.eval_prompts, *tok);
     for (size_t i = 0; i < prompts.size(); ++i)
-      check_ids(prompts[i], cfg.vocab_size, fmt::format("{} (prompt {})", o.eval_prompts, i + 1), tok);
-  } else if (tok && tok->eot_id() >= 0 && tok->eot_id() < cfg.vocab_size) {
+      check_ids(prompts[i], vocab_size, fmt::format("{} (prompt {})", o.eval_prompts, i + 1), tok);
+  } else if (tok && tok->eot_id() >= 0 && tok->eot_id() < vocab_size) {
     prompts = {{tok->eot_id()}};
   }
   for (auto& p : prompts)
-    if (int64_t(p.size()) + o.sample_tokens > cfg.n_positions)
-      p.erase(p.begin(), p.end() - std::max<int64_t>(1, cfg.n_positions - o.sample_tokens));
+    if (int64_t(p.size()) + o.sample_tokens > n_positions)
+      p.erase(p.begin(), p.end() - std::max<int64_t>(1, n_positions - o.sample_tokens));
 
   // ---- adapters: the base model is frozen; deeplora+gradsvd runs its initialization pass here --------
   AdapterOptions ao = o.adapter;
@@ -751,7 +742,7 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
   AdamW opt(groups, AdamWConfig{o.beta1, o.beta2, adapters.empty() ? o.adam_eps : 1e-6});
   res.n_trainable = opt.n_params();
   say(fmt::format("trainable parameters: {} ({:.2f}M of {:.1f}M)", opt.n_params(), double(opt.n_params()) / 1e6,
-                  double(cfg.n_params()) / 1e6));
+                  double(model.n_params()) / 1e6));
   // DP: gradients averaged over ranks in buckets, overlapped with backward.
   std::unique_ptr<dist::GradReducer> reducer;
   if (dc.world > 1) {
@@ -782,8 +773,8 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
 
   // FLOPs per token: 6N + 12 L C T (PaLM appendix B); a frozen base skips the weight-gradient GEMMs
   // (4N). MFU against the measured bf16 peak.
-  const double flops_per_token = (adapters.empty() ? 6.0 : 4.0) * double(cfg.n_params()) +
-                                 12.0 * double(cfg.n_layer * cfg.n_embd * o.seq_len);
+  const double flops_per_token = (adapters.empty() ? 6.0 : 4.0) * double(model.n_params()) +
+                                 12.0 * double(model.n_layer() * model.hidden_size() * o.seq_len);
 
   // One eval: validation loss, every multiple-choice set, samples; logged, recorded, best kept.
   const std::string base = base_model_name(o);
@@ -1001,10 +992,10 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
     if (!adapters.empty()) {
       save_adapters(adapters, ao, (out / "adapter").string(), base);
       say(fmt::format("saved {} ({} adapter)", (out / "adapter").string(), ao.kind));
-      merge_adapters(model);  // final/ is a plain HF GPT-2 with the update merged
+      merge_adapters(model);  // final/ is a plain HF model with the update merged
       res.adapters.clear();
     }
-    save_hf_gpt(model, (out / "final").string());
+    model.save_hf((out / "final").string());
     copy_tokenizer_files(o.vocab_dir, out / "final");
     say(fmt::format("saved {} (HF layout{})", (out / "final").string(),
                     fs::exists(out / "final" / "vocab.json") ? ", with the tokenizer" : ""));

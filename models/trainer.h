@@ -24,7 +24,7 @@ struct TrainOptions {
   // preset, an HF config.json and/or explicit sizes (which override the preset's / the file's).
   std::string model_dir;
   std::string preset;        // gpt2 | gpt2-medium | gpt2-large | gpt2-xl | small-cpu | tiny
-  std::string model_config;  // an HF GPT-2 config.json
+  std::string model_config;  // an HF config.json (its model_type picks the family)
   int64_t n_layer = 0, n_head = 0, n_embd = 0, n_positions = 0;  // 0: as the preset / config
   // Data: text files, llm.c shards (*.bin), or JSONL files (prompt/completion or multiple choice).
   std::vector<std::string> data;
@@ -80,7 +80,7 @@ struct Interrupted : std::runtime_error {
 
 // What an in-process caller (tools/study) hands over instead of paths: a loaded model, tokenized data.
 struct TrainInputs {
-  Gpt* model = nullptr;                 // trained as is; adapters stay attached (TrainResult::adapters)
+  CausalLM* model = nullptr;                // trained as is; adapters stay attached (TrainResult::adapters)
   const Tokenizer* tokenizer = nullptr;
   std::vector<Example> train, val;      // used when train is non-empty (then --data is not read)
   std::vector<const McData*> eval;      // used instead of --eval-data when non-empty
@@ -111,9 +111,9 @@ struct TrainResult {
 
 TrainResult train(const TrainOptions& o, const TrainInputs& in = {});
 
-// The model a TrainOptions asks for: load --model, or random-init from --preset / --model-config /
-// the size flags. Throws naming the flag when none is given or they conflict.
-std::unique_ptr<Gpt> make_model(const TrainOptions& o, DType dt, Device dev);
+// The model a TrainOptions asks for: load --model (any registered family), or random-init from
+// --preset / --model-config / the size flags (the family of the preset or of the config's model_type). Throws naming the flag when none is given or they conflict.
+std::unique_ptr<CausalLM> make_model(const TrainOptions& o, DType dt, Device dev);
 
 // Training examples from JSONL files (prompt/completion or multiple choice: prompt + the labelled
 // choice, loss on the choice), each fitted to seq_len (fit_examples). *n_cut: prompts cut.

@@ -358,7 +358,9 @@ TEST_CASE("trainer: model flags, data formats and example fitting give clear err
   p.n_head = 4;
   p.n_positions = 32;
   p.preset = "tiny";
-  auto m = make_model(p, DType::f32, Device::cpu);
+  std::unique_ptr<CausalLM> made = make_model(p, DType::f32, Device::cpu);
+  auto* m = dynamic_cast<Gpt*>(made.get());
+  REQUIRE(m != nullptr);
   CHECK(m->config().n_layer == 3);
   CHECK(m->config().n_embd == 48);
   CHECK(m->config().n_positions == 32);

@@ -74,9 +74,9 @@ int main(int argc, char** argv) {
     const Device dev = device_from_flag(device);
     const DType dt = dtype_from_flag(dtype, dev);
     LoadedModel lm = load_for_inference(model_dir, "", dt, dev);
-    Gpt& model = *lm.model;
+    CausalLM& model = *lm.model;
     Tokenizer tok = Tokenizer::from_dir(resolve_vocab_dir("", model_dir));
-    StudyTask task = load_study_task(task_dir, tok, model.config().n_positions);
+    StudyTask task = load_study_task(task_dir, tok, model.max_positions());
     TrainInputs in;
     in.model = &model;
     in.tokenizer = &tok;
@@ -96,7 +96,7 @@ int main(int argc, char** argv) {
     o.sample_tokens = 0;
     o.val_fraction = 0;
     o.batch = std::min(batch, n);
-    o.seq_len = std::min<int64_t>(model.config().n_positions, (longest + 15) / 16 * 16);
+    o.seq_len = std::min<int64_t>(model.max_positions(), (longest + 15) / 16 * 16);
     o.steps = steps;
     o.lr = lr;
     o.warmup = std::floor(0.1 * double(steps));

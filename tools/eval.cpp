@@ -50,11 +50,11 @@ int main(int argc, char** argv) {
     const Device dev = device_from_flag(device);
     const DType dt = dtype_from_flag(dtype, dev);
     LoadedModel lm = load_for_inference(model_dir, adapter_dir, dt, dev, merge);
-    Gpt& model = *lm.model;
-    const int64_t T = seq_len > 0 ? seq_len : model.config().n_positions;
-    if (T > model.config().n_positions)
+    CausalLM& model = *lm.model;
+    const int64_t T = seq_len > 0 ? seq_len : model.max_positions();
+    if (T > model.max_positions())
       throw std::invalid_argument(fmt::format("--seq-len {} exceeds the model's n_positions {}", T,
-                                              model.config().n_positions));
+                                              model.max_positions()));
     std::unique_ptr<Tokenizer> tok;
     auto tokenizer = [&]() -> const Tokenizer& {
       if (!tok) tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(resolve_vocab_dir(vocab_dir, lm.model_dir)));
