@@ -3,12 +3,14 @@
 // order or dropped object file of the static library can lose one.
 #include "models/causal_lm.h"
 #include "models/gpt_io.h"
+#include "models/llama.h"
 
 namespace deeplora {
 
 std::vector<CausalLMFamily> builtin_families() {
   return {
       gpt2_family(),
+      llama_family(), qwen2_family(), mistral_family(),  // models/llama.*
   };
 }
 

@@ -139,17 +139,17 @@ TEST_CASE("causal_lm registry: config.json's model_type picks the family; an unk
   CHECK(logits(*r, ids) == logits(a, ids));  // the same seed: HF's init, as Gpt's constructor
 
   // An unknown model_type: the loader, the trainer's --model-config and --model all name the file.
-  fs::create_directories(dir.path / "llama");
-  const std::string bad = dir.write("llama/config.json", R"({"model_type": "llama", "hidden_size": 64})");
-  const std::string e = error_of([&] { load_hf_causal_lm((dir.path / "llama").string(), DType::f32, Device::cpu); });
+  fs::create_directories(dir.path / "mamba");
+  const std::string bad = dir.write("mamba/config.json", R"({"model_type": "mamba", "hidden_size": 64})");
+  const std::string e = error_of([&] { load_hf_causal_lm((dir.path / "mamba").string(), DType::f32, Device::cpu); });
   CHECK(contains(e, bad));
-  CHECK(contains(e, "model_type 'llama' is not a known model family (known: gpt2"));
+  CHECK(contains(e, "model_type 'mamba' is not a known model family (known: gpt2"));
   TrainOptions o;
   o.model_config = bad;
-  CHECK(contains(error_of([&] { make_model(o, DType::f32, Device::cpu); }), bad + ": model_type 'llama'"));
+  CHECK(contains(error_of([&] { make_model(o, DType::f32, Device::cpu); }), bad + ": model_type 'mamba'"));
   o = TrainOptions{};
-  o.model_dir = (dir.path / "llama").string();
-  CHECK(contains(error_of([&] { make_model(o, DType::f32, Device::cpu); }), "'llama' is not a known model family"));
+  o.model_dir = (dir.path / "mamba").string();
+  CHECK(contains(error_of([&] { make_model(o, DType::f32, Device::cpu); }), "'mamba' is not a known model family"));
   const std::string num = dir.write("num.json", R"({"model_type": 7})");
   CHECK(contains(error_of([&] { read_model_type(num); }), num + ": model_type '7' is not a known model family"));
   CHECK(contains(error_of([&] { read_model_type(dir.file("none.json")); }), "none.json: cannot open config"));

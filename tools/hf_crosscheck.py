@@ -18,6 +18,12 @@
                          transformers' summed log-probability of every choice, and 16 prompts with
                          model.generate(do_sample=False, 64 new tokens); OUT = a JSON file that
                          tests/test_eval.cpp checks eval and generate against (f32)
+  llama_fixture DIR      the tiny Llama-family fixtures tests/test_llama.cpp checks against:
+                         DIR/llama (LlamaForCausalLM: GQA 4/2 heads, head_dim 8, untied head, llama3
+                         rope_scaling) and DIR/qwen2 (Qwen2ForCausalLM: q/k/v biases, tied head), each
+                         config.json + model.safetensors + expected.safetensors as `fixture` (grads
+                         under deeplora's names: without the "model." prefix, nn.Linear [out, in]).
+                         Random init, then every parameter perturbed (norms not 1, biases not 0).
 """
 import json
 import os
@@ -67,6 +73,59 @@ def fixture(out):
     exp["adamw_losses"] = torch.tensor(losses, dtype=torch.float64)
     save_file(exp, os.path.join(out, "expected.safetensors"))
     print(json.dumps({"fixture": out, "loss": loss.item(), "adamw_last": losses[-1]}))
+
+
+def llama_fixture(out):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    V = 50
+    common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=V, max_position_embeddings=64, attention_dropout=0.0)
+    makes = {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(
+            **common, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 16})),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(
+            **common, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False)),
+    }
+    summary = {}
+    for name, make in makes.items():
+        torch.manual_seed(0)
+        model = make().float()
+        model.config._attn_implementation = "eager"
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        model.save_pretrained(d, safe_serialization=True)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, V, (2, 16), generator=g)
+        labels = torch.randint(0, V, (2, 16), generator=g)
+        labels[0, :3] = -100
+        model.train()
+        lg = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(lg.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+        loss.backward()
+        exp = {"input_ids": ids.to(torch.int32), "labels": labels.to(torch.int32),
+               "logits": lg.detach().contiguous(), "loss": loss.detach().reshape(())}
+        for pname, p in model.named_parameters():
+            key = pname[len("model."):] if pname.startswith("model.") else pname
+            exp["grad." + key] = p.grad.detach().contiguous()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-8)
+        losses = []
+        for _ in range(10):
+            opt.zero_grad()
+            l = torch.nn.functional.cross_entropy(model(input_ids=ids).logits.reshape(-1, V), labels.reshape(-1),
+                                                  ignore_index=-100)
+            losses.append(l.item())
+            l.backward()
+            opt.step()
+        exp["adamw_losses"] = torch.tensor(losses, dtype=torch.float64)
+        save_file(exp, os.path.join(d, "expected.safetensors"))
+        summary[name] = {"loss": loss.item(), "adamw_last": losses[-1]}
+    print(json.dumps({"llama_fixture": out, **summary}))
 
 
 def logits(model_dir, ids_file, out):
@@ -215,5 +274,7 @@ if __name__ == "__main__":
         sys.exit(tokenizer(*args))
     elif cmd == "evalgen_fixture":
         evalgen_fixture(*args)
+    elif cmd == "llama_fixture":
+        llama_fixture(*args)
     else:
         sys.exit(__doc__)
