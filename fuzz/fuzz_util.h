@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -12,6 +13,7 @@
 
 namespace deeplora::fuzz {
 
+// Removed when the process exits normally (libFuzzer exits through exit() after -max_total_time).
 inline std::filesystem::path scratch_dir() {
   static const std::filesystem::path dir = [] {
     std::filesystem::path base = std::filesystem::exists("/dev/shm") ? "/dev/shm" : std::filesystem::temp_directory_path();
@@ -19,6 +21,13 @@ inline std::filesystem::path scratch_dir() {
     std::filesystem::create_directories(d);
     return d;
   }();
+  static const bool cleanup = [] {
+    return std::atexit([] {
+      std::error_code ec;
+      std::filesystem::remove_all(scratch_dir(), ec);
+    }) == 0;
+  }();
+  (void)cleanup;
   return dir;
 }
 

@@ -170,6 +170,7 @@ Target make_target(int64_t d, int64_t r, double p, int64_t obs_per_row, uint64_t
 }
 
 Target load_target(const std::string& path, DType dt, Device dev) {
+  constexpr int64_t kReserveCap = int64_t(1) << 20;  // elements reserved before any is read
   std::ifstream in(path);
   if (!in) throw std::invalid_argument(fmt::format("target file '{}': cannot open it for reading", path));
   int64_t lineno = 0;
@@ -228,25 +229,30 @@ Target load_target(const std::string& path, DType dt, Device dev) {
   auto matrix = [&](const char* name) {
     auto t = next(name);
     if (t.size() != 1 || t[0] != name) throw fail(fmt::format("expected the line '{}'", name));
-    std::vector<double> m(static_cast<size_t>(d * k));
+    // Grown as the rows are read, not sized from d and rank up front: a 40-byte file claiming
+    // d = 2^30 must fail at its end of file, not ask for gigabytes first (fuzz/fuzz_deep_mc_target).
+    std::vector<double> m;
+    m.reserve(size_t(std::min<int64_t>(d * k, kReserveCap)));
     for (int64_t i = 0; i < d; ++i) {
       auto row = next(fmt::format("row {} of {}", i, name).c_str());
       if (int64_t(row.size()) != k) throw fail(fmt::format("row {} of {} has {} numbers, expected {}", i, name, row.size(), k));
-      for (int64_t c = 0; c < k; ++c) m[size_t(i * k + c)] = to_num(row[size_t(c)]);
+      for (int64_t c = 0; c < k; ++c) m.push_back(to_num(row[size_t(c)]));
     }
     return m;
   };
   std::vector<double> U = matrix("U"), V = matrix("V");
   const int64_t n = to_int(keyed("observed"), "observed");
   if (n < 1 || n > d * d) throw fail(fmt::format("observed = {} out of range [1, d² = {}]", n, d * d));
-  std::vector<int32_t> ri(static_cast<size_t>(n)), ci(static_cast<size_t>(n));
+  std::vector<int32_t> ri, ci;
+  ri.reserve(size_t(std::min<int64_t>(n, kReserveCap)));
+  ci.reserve(size_t(std::min<int64_t>(n, kReserveCap)));
   for (int64_t e = 0; e < n; ++e) {
     auto t = next("an observed entry 'i j'");
     if (t.size() != 2) throw fail("expected an observed entry 'i j'");
     const int64_t i = to_int(t[0], "row index"), j = to_int(t[1], "column index");
     if (i < 0 || i >= d || j < 0 || j >= d) throw fail(fmt::format("entry ({}, {}) is outside [0, {})", i, j, d));
-    ri[size_t(e)] = int32_t(i);
-    ci[size_t(e)] = int32_t(j);
+    ri.push_back(int32_t(i));
+    ci.push_back(int32_t(j));
   }
   while (std::getline(in, line)) {
     ++lineno;

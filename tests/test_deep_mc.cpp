@@ -316,6 +316,14 @@ TEST_CASE("deep_mc: target files round-trip; bad files are named in the error") 
   CHECK(err(p5) == fmt::format("target file '{}': entry (0, 1) appears more than once", p5));
   std::string p6 = write("trail.txt", "deep_mc_target 1\nd 2\nrank 1\nU\n1\n2\nV\n1\n2\nobserved 1\n0 1\n1 1\n");
   CHECK(err(p6) == fmt::format("target file '{}': line 12: unexpected content after the 1 observed entries", p6));
+  // A tiny file claiming a huge d (or rank, or observed count) fails at its end of file without
+  // first allocating d * rank numbers (a 40-byte file asked for 8 GB, or 2^62 bytes).
+  std::string p7 = write("huge_d.txt", "deep_mc_target 1\nd 1073741824\nrank 536870912\nU\n1\n");
+  CHECK(err(p7) == fmt::format("target file '{}': line 5: row 0 of U has 1 numbers, expected 536870912", p7));
+  std::string p8 = write("huge_d1.txt", "deep_mc_target 1\nd 1000000000\nrank 1\nU\n1\n");
+  CHECK(err(p8) == fmt::format("target file '{}': line 6: unexpected end of file, expected row 1 of U", p8));
+  std::string p10 = write("huge_n.txt", "deep_mc_target 1\nd 2\nrank 1\nU\n1\n2\nV\n1\n2\nobserved 4\n0 1\n");
+  CHECK(err(p10) == fmt::format("target file '{}': line 12: unexpected end of file, expected an observed entry 'i j'", p10));
   // The tool with a loaded target: r must still be < d/2.
   Config ct = small_config();
   ct.target = path;

@@ -150,6 +150,8 @@ TEST_CASE("trainer: kill -9 during checkpoint writes leaves a loadable previous 
       }
       _exit(0);
     }
+    // The first kill waits for a first checkpoint (slow builds, e.g. ASan, need longer than 0.4 s).
+    for (int w = 0; trial == 0 && w < 600 && !fs::exists(fs::path(o.out_dir) / "latest"); ++w) usleep(100000);
     usleep(useconds_t(400000 + 150000 * trial));
     kill(pid, SIGKILL);
     int status = 0;

@@ -215,6 +215,9 @@ TEST_CASE("safetensors: every corruption gives an error naming the file") {
       {"out_of_range", st_file(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", data8), "past the end"},
       {"size_mismatch", st_file(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data8), "needs 12"},
       {"huge_shape", st_file(R"({"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", data8), "too large"},
+      // 0 bytes in all (a zero dim), but a dim past int64: was "Tensor::empty: negative dimension", no file named.
+      {"dim_past_int64", st_file(R"({"a":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}})", ""),
+       "dim above 2^63 - 1"},
       {"overlap", st_file("{" + ok_entry + R"(,"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", std::string(12, '\0')),
        "overlap"},
       {"gap_inside", st_file("{" + ok_entry + R"(,"b":{"dtype":"F32","shape":[1],"data_offsets":[12,16]}})", std::string(16, '\0')),
