@@ -11,6 +11,7 @@
 #include "kernels/matmul.h"
 #include "kernels/nn.h"
 #include "runtime/graph.h"
+#include "runtime/op_checks.h"
 
 namespace deeplora::ops {
 namespace {
@@ -20,32 +21,10 @@ using kernels::stat_dtype;
 
 #define DL_K(dev, fn, ...) DEEPLORA_DISPATCH(dev, fn, __VA_ARGS__)
 
-void same_device(const char* op, std::initializer_list<const Tensor*> ts) {
-  const Tensor* first = nullptr;
-  for (const Tensor* t : ts) {
-    if (!t || !t->defined()) continue;
-    if (!first) first = t;
-    else
-      check(t->device() == first->device(), op,
-            fmt::format("tensors on different devices: {} and {}", first->desc(), t->desc()));
-  }
-}
-
-void same_float_dtype(const char* op, std::initializer_list<const Tensor*> ts) {
-  const Tensor* first = nullptr;
-  for (const Tensor* t : ts) {
-    if (!t || !t->defined()) continue;
-    check(is_float(t->dtype()), op, fmt::format("{} must be a float tensor", t->desc()));
-    if (!first) first = t;
-    else
-      check(t->dtype() == first->dtype(), op,
-            fmt::format("dtype mismatch: {} and {}", first->desc(), t->desc()));
-  }
-}
-
-void defined(const char* op, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts) check(t->defined(), op, "undefined input tensor");
-}
+using detail::defined;
+using detail::same_device;
+using detail::same_float_dtype;
+using detail::wants;
 
 Tensor like(const Tensor& t) { return Tensor::empty(t.shape(), t.dtype(), t.device()); }
 
@@ -55,8 +34,6 @@ std::vector<std::shared_ptr<TensorImpl>> outs(std::initializer_list<const Tensor
   for (const Tensor* t : ts) v.push_back(t->impl_ptr());
   return v;
 }
-
-bool wants(const Tensor& t) { return t.defined() && t.requires_grad(); }
 
 // Rows of a [..., C] tensor. An empty last dimension (C = 0) is an error naming the op and the tensor
 // (rows = numel / C would divide by zero); zero rows of a non-empty C are fine.

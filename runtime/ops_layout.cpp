@@ -9,13 +9,14 @@
 
 #include "kernels/dispatch.h"
 #include "kernels/llama.h"
+#include "runtime/op_checks.h"
 
 namespace deeplora::ops {
 namespace {
 
 #define DL_LK(dev, fn, ...) DEEPLORA_DISPATCH(dev, fn, __VA_ARGS__)
 
-bool wants(const Tensor& t) { return t.defined() && t.requires_grad(); }
+using detail::wants;
 
 std::string descs(const std::vector<Tensor>& xs) {
   std::string s;

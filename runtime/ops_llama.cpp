@@ -8,6 +8,7 @@
 
 #include "kernels/dispatch.h"
 #include "kernels/llama.h"
+#include "runtime/op_checks.h"
 
 namespace deeplora::ops {
 namespace {
@@ -18,35 +19,10 @@ constexpr double kPi = 3.14159265358979323846;
 
 #define DL_LL(dev, fn, ...) DEEPLORA_DISPATCH(dev, fn, __VA_ARGS__)
 
-// Copied from runtime/ops.cpp's anonymous namespace (same_device, same_float_dtype, defined, wants).
-void same_device(const char* op, std::initializer_list<const Tensor*> ts) {
-  const Tensor* first = nullptr;
-  for (const Tensor* t : ts) {
-    if (!t || !t->defined()) continue;
-    if (!first) first = t;
-    else
-      check(t->device() == first->device(), op,
-            fmt::format("tensors on different devices: {} and {}", first->desc(), t->desc()));
-  }
-}
-
-void same_float_dtype(const char* op, std::initializer_list<const Tensor*> ts) {
-  const Tensor* first = nullptr;
-  for (const Tensor* t : ts) {
-    if (!t || !t->defined()) continue;
-    check(is_float(t->dtype()), op, fmt::format("{} must be a float tensor", t->desc()));
-    if (!first) first = t;
-    else
-      check(t->dtype() == first->dtype(), op,
-            fmt::format("dtype mismatch: {} and {}", first->desc(), t->desc()));
-  }
-}
-
-void defined(const char* op, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts) check(t->defined(), op, "undefined input tensor");
-}
-
-bool wants(const Tensor& t) { return t.defined() && t.requires_grad(); }
+using detail::defined;
+using detail::same_device;
+using detail::same_float_dtype;
+using detail::wants;
 
 void* ptr_or_null(const GradTarget& g) { return g.g.defined() ? g.g.data() : nullptr; }
 

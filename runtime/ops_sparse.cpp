@@ -9,13 +9,14 @@
 
 #include "kernels/dispatch.h"
 #include "kernels/sparse.h"
+#include "runtime/op_checks.h"
 
 namespace deeplora {
 namespace {
 
 #define DL_SK(dev, fn, ...) DEEPLORA_DISPATCH(dev, fn, __VA_ARGS__)
 
-bool wants(const Tensor& t) { return t.defined() && t.requires_grad(); }
+using ops::detail::wants;
 
 void check_float(const char* op, const Tensor& t, const char* what) {
   check(t.defined(), op, fmt::format("{} is undefined", what));
