@@ -181,6 +181,7 @@ StudySummary run_study(const StudyGrid& g, const StudyOptions& o) {
     to.min_lr_ratio = g.min_lr_ratio;
     to.clip = g.clip;
     to.weight_decay = m.weight_decay;
+    to.adapter_adam_eps = m.adam_eps;
     to.seed = 1000 + uint64_t(run.seed);
     to.dtype = dtype_name(dt);
     // A diverging run is a result, not an error: its non-finite steps are skipped (the weights keep their

@@ -28,6 +28,7 @@ struct StudyMethod {
   std::vector<int64_t> ns;     // training-set sizes (empty: the grid's)
   int64_t steps = 0;           // fixed optimizer steps (0: the grid's rule)
   double weight_decay = 0;
+  double adam_eps = 1e-6;       // AdamW eps of the adapters (full fine-tuning: 1e-8)
   bool svd_all = false;        // Deep LoRA: the initialization gradient over the whole training set
   bool is_full() const { return adapter.kind == "none"; }
   nlohmann::json options() const;  // what runs.jsonl records of it

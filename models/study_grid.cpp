@@ -70,11 +70,13 @@ StudyMethod method_from_json(const json& j, const std::vector<StudyMethod>& defa
   m.ns = get<std::vector<int64_t>>(j, "n", m.ns, what);
   m.steps = get<int64_t>(j, "steps", m.steps, what);
   m.weight_decay = get<double>(j, "weight_decay", m.weight_decay, what);
+  m.adam_eps = get<double>(j, "adam_eps", m.adam_eps, what);
   const std::string w = fmt::format("{} (method {}{})", what, m.name, m.variant.empty() ? "" : "[" + m.variant + "]");
   if (m.lrs.empty()) bad(w, "\"lr\" must list at least one learning rate");
   for (double lr : m.lrs)
     if (!(lr > 0) || !std::isfinite(lr)) bad(w, fmt::format("learning rate {} must be positive", lr));
   if (m.steps < 0) bad(w, "\"steps\" must be >= 0");
+  if (!(m.adam_eps >= 0) || !(m.adam_eps <= 1)) bad(w, "\"adam_eps\" must be in [0, 1]");
   try {
     AdapterOptions probe = a;
     probe.rank = 1;
@@ -101,6 +103,7 @@ json StudyMethod::options() const {
   }
   if (adapter.kind != "none") j["adapt"] = adapter.adapt;
   if (weight_decay != 0) j["weight_decay"] = weight_decay;
+  if (adam_eps != 1e-6 && !is_full()) j["adam_eps"] = adam_eps;
   if (steps > 0) j["steps"] = steps;
   return j;
 }

@@ -576,6 +576,8 @@ void check_options(const TrainOptions& o) {
   real(o.min_lr_ratio, 0, 1, false, "--min-lr-ratio");
   real(o.weight_decay, 0, 1e6, false, "--weight-decay");
   real(o.clip, 0, 1e12, false, "--clip");
+  real(o.adam_eps, 0, 1, false, "--adam-eps");
+  real(o.adapter_adam_eps, 0, 1, false, "--adapter-adam-eps");
   real(o.bucket_mb, 0, 1e6, true, "--bucket-mb");
 }
 
@@ -738,8 +740,8 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
       if (!g->params.empty()) groups.push_back(*g);
   }
   check(!groups.empty(), "train", "nothing to train (every parameter is frozen)");
-  // Adapters use AdamW eps 1e-6 (DEEP_LORA.md); full training keeps --adam-eps.
-  AdamW opt(groups, AdamWConfig{o.beta1, o.beta2, adapters.empty() ? o.adam_eps : 1e-6});
+  // Adapters use AdamW eps --adapter-adam-eps (1e-6, DEEP_LORA.md); full training keeps --adam-eps.
+  AdamW opt(groups, AdamWConfig{o.beta1, o.beta2, adapters.empty() ? o.adam_eps : o.adapter_adam_eps});
   res.n_trainable = opt.n_params();
   say(fmt::format("trainable parameters: {} ({:.2f}M of {:.1f}M)", opt.n_params(), double(opt.n_params()) / 1e6,
                   double(model.n_params()) / 1e6));

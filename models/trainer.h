@@ -39,6 +39,7 @@ struct TrainOptions {
   double epochs = 1.0;
   double lr = 3e-4, warmup = 0, min_lr_ratio = 0.1, weight_decay = 0.0, clip = 1.0;
   double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
+  double adapter_adam_eps = 1e-6;  // AdamW eps when adapters are trained (DEEP_LORA.md; the authors' optax eps)
   int64_t eval_every = 0, eval_batches = 8, ckpt_every = 0, log_every = 1;  // eval_every 0: at the end only
   int64_t sample_tokens = 32;
   int top_k = 0;

@@ -2,7 +2,7 @@
 # One call on the GPU machine: build (sm_90), run the tests (CPU-vs-CUDA included), compute-sanitizer,
 # reference cross-checks, benchmarks beside their peers; logs under $OUT, a short table last.
 #   bash tools/device_check.sh [build test sanitize fixture tokenizer bench train deepmc deepmc_scale profile_mc
-#                               peers_train peers_mc evalgen genbench pretrain study]
+#                               peers_train peers_mc evalgen genbench pretrain llama study]
 # evalgen: eval/generate vs transformers (makes tests/data/hf_tiny/evalgen_expected.json when missing);
 # genbench: generate decode tokens/s and eval examples/s vs transformers (GPT-2 124M, bf16, same call);
 # pretrain: the study's small base (tools/pretrain_base.sh small; data/shards/base carried);
@@ -251,10 +251,26 @@ PY
 fi
 
 if has pretrain; then
-  log "pretrain the study's small base (tools/pretrain_base.sh small)"
-  bash tools/pretrain_base.sh small --log-every 250 > "$OUT/logs/pretrain.log" 2>&1
-  result[pretrain]=$(grep -E "^eval step" "$OUT/logs/pretrain.log" | tail -1 | cut -c1-80)
-  tail -3 "$OUT/logs/pretrain.log"
+  # PRETRAIN_BASES: which bases (default small; "small gpt2" for both). Their summaries come back in $OUT.
+  for b in ${PRETRAIN_BASES:-small}; do
+    log "pretrain the study's $b base (tools/pretrain_base.sh $b)"
+    s=$SECONDS
+    bash tools/pretrain_base.sh "$b" --log-every 250 > "$OUT/logs/pretrain-$b.log" 2>&1
+    result[pretrain-$b]="$((SECONDS - s)) s | $(grep -E "^eval step" "$OUT/logs/pretrain-$b.log" | tail -1 | cut -c1-80)"
+    tail -3 "$OUT/logs/pretrain-$b.log"
+    mkdir -p "$OUT/base-$b" && cp out/base-$b/summary.json out/base-$b/final/config.json "$OUT/base-$b/" 2>/dev/null
+  done
+fi
+
+if has llama; then
+  log "Llama family: transformers fixture (tests/data/llama_tiny, made when missing) and the llama cases"
+  if [[ ! -f tests/data/llama_tiny/llama/expected.safetensors ]]; then
+    python3 tools/hf_crosscheck.py llama_fixture tests/data/llama_tiny > "$OUT/logs/llama.log" 2>&1
+  fi
+  tar -czf "$OUT/llama_tiny.tar.gz" -C tests/data llama_tiny 2>/dev/null
+  ./build/deeplora_tests -tc='llama*,*llama*,*gqa*,*rope*,*rmsnorm*' --duration=false >> "$OUT/logs/llama.log" 2>&1
+  result[llama]=$(grep -E "^\[doctest\] (test cases|assertions)" "$OUT/logs/llama.log" | tr -s ' ' | paste -sd' ')
+  grep -B2 -A8 "ERROR" "$OUT/logs/llama.log" | head -40
 fi
 
 if has study; then

@@ -62,6 +62,10 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(deeplora::cli::real_range(0, 1));
   app.add_option("--weight-decay", o.weight_decay, "AdamW decoupled weight decay (matrices only)")
       ->capture_default_str()->check(deeplora::cli::real_range(0, 1e6));
+  app.add_option("--adam-eps", o.adam_eps, "AdamW eps of full training")
+      ->capture_default_str()->check(deeplora::cli::real_range(0, 1));
+  app.add_option("--adapter-adam-eps", o.adapter_adam_eps, "AdamW eps when training adapters")
+      ->capture_default_str()->check(deeplora::cli::real_range(0, 1));
   app.add_option("--clip", o.clip, "global gradient-norm clip (0: off)")->capture_default_str()->check(deeplora::cli::real_range(0, 1e12));
   const auto count = CLI::Range(int64_t(0), int64_t(1) << 40);
   app.add_option("--eval-every", o.eval_every, "evaluate (and print samples) every N steps; 0: at the end only")
