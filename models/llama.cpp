@@ -117,25 +117,35 @@ LlamaConfig LlamaConfig::from_json_file(const std::string& path) {
   bool use_sw = c.model_type == "mistral";
   if (c.model_type == "qwen2") getb("use_sliding_window", use_sw);
   if (use_sw) geti("sliding_window", c.sliding_window, false);
-  if (present("rope_scaling")) {
-    const nlohmann::json& r = j["rope_scaling"];
-    if (!r.is_object()) throw std::runtime_error(fmt::format("{}: field 'rope_scaling' is not an object", path));
-    std::string type = r.contains("rope_type") ? r["rope_type"].get<std::string>()
-                       : r.contains("type")    ? r["type"].get<std::string>()
-                                               : "";
+  // RoPE: transformers 4.x writes "rope_theta" + "rope_scaling" (null or {rope_type, factor, ...});
+  // transformers 5 writes "rope_parameters" ({rope_theta, rope_type, factor, ...}). Both are read; where
+  // both are present, rope_parameters wins (it is what transformers 5 itself reads).
+  auto rope = [&](const char* field) {
+    const nlohmann::json& r = j[field];
+    if (!r.is_object()) throw std::runtime_error(fmt::format("{}: field '{}' is not an object", path, field));
+    std::string type = "default";
+    for (const char* k : {"rope_type", "type"})
+      if (r.contains(k)) {
+        if (!r[k].is_string()) throw std::runtime_error(fmt::format("{}: field '{}.{}' is not a string", path, field, k));
+        type = r[k].get<std::string>();
+        break;
+      }
     if (type != "llama3" && type != "default")
-      throw std::runtime_error(fmt::format("{}: field 'rope_scaling' type '{}' is not supported (default or llama3)", path, type));
+      throw std::runtime_error(fmt::format("{}: field '{}' type '{}' is not supported (default or llama3)", path, field, type));
     c.rope_scaling.type = type;
+    getd(r, "rope_theta", c.rope_theta);
     getd(r, "factor", c.rope_scaling.factor);
     getd(r, "low_freq_factor", c.rope_scaling.low_freq_factor);
     getd(r, "high_freq_factor", c.rope_scaling.high_freq_factor);
     if (r.contains("original_max_position_embeddings")) {
       if (!r["original_max_position_embeddings"].is_number_integer())
         throw std::runtime_error(
-            fmt::format("{}: field 'rope_scaling.original_max_position_embeddings' is not an integer", path));
+            fmt::format("{}: field '{}.original_max_position_embeddings' is not an integer", path, field));
       c.rope_scaling.original_max_position_embeddings = r["original_max_position_embeddings"].get<int64_t>();
     }
-  }
+  };
+  if (present("rope_parameters")) rope("rope_parameters");
+  else if (present("rope_scaling")) rope("rope_scaling");
   if (present("bos_token_id") && j["bos_token_id"].is_number_integer()) c.bos_token_id = j["bos_token_id"].get<int64_t>();
   if (present("eos_token_id") && j["eos_token_id"].is_number_integer()) c.eos_token_id = j["eos_token_id"].get<int64_t>();
   try {

@@ -274,6 +274,10 @@ TEST_CASE("llama: bad configs and checkpoints give errors naming the file and th
   CHECK(contains(err("type.json", {{"hidden_size", "32"}}), "field 'hidden_size' is not an integer"));
   CHECK(contains(err("act.json", {{"hidden_act", "gelu"}}), "field 'hidden_act' \"gelu\" is not supported"));
   CHECK(contains(err("rope.json", {{"rope_scaling", {{"rope_type", "yarn"}, {"factor", 4.0}}}}), "rope_scaling"));
+  CHECK(contains(err("rope5.json", {{"rope_parameters", {{"rope_type", "yarn"}, {"rope_theta", 1e4}}}}),
+                 "field 'rope_parameters' type 'yarn' is not supported"));
+  CHECK(contains(err("rope5t.json", {{"rope_parameters", {{"rope_type", "default"}, {"rope_theta", "big"}}}}),
+                 "field 'rope_theta' is not a number"));
   CHECK(contains(err("hd.json", {{"head_dim", 12}}), "head_dim 12 must be a multiple of 8"));
   CHECK(contains(err("zero.json", {{"vocab_size", 0}}), "vocab_size must be positive"));
 
@@ -311,6 +315,23 @@ TEST_CASE("llama: bad configs and checkpoints give errors naming the file and th
   auto r = causal_lm_from_config(ok, DType::f32, Device::cpu, 0, ModelSizes{3, 0, 0, 0});
   CHECK(r->n_layer() == 3);
   CHECK(r->model_type() == "llama");
+  // transformers 5 writes the rope settings as "rope_parameters" (rope_theta inside); 4.x as
+  // "rope_theta" + "rope_scaling". Both read the same.
+  const nlohmann::json scaling = {{"factor", 8.0}, {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
+                                  {"original_max_position_embeddings", 16}};
+  nlohmann::json v4 = scaling, v5 = scaling;
+  v4["rope_type"] = "llama3";
+  v5["rope_type"] = "llama3";
+  v5["rope_theta"] = 5e5;
+  const LlamaConfig c4 = LlamaConfig::from_json_file(dir.write("v4.json", config_json({{"rope_theta", 5e5}, {"rope_scaling", v4}})));
+  const LlamaConfig c5 = LlamaConfig::from_json_file(dir.write("v5.json", config_json({{"rope_parameters", v5}})));
+  for (const LlamaConfig* c : {&c4, &c5}) {
+    CHECK(c->rope_theta == 5e5);
+    CHECK(c->rope_scaling.type == "llama3");
+    CHECK(c->rope_scaling.factor == 8.0);
+    CHECK(c->rope_scaling.high_freq_factor == 4.0);
+    CHECK(c->rope_scaling.original_max_position_embeddings == 16);
+  }
 }
 
 TEST_CASE("llama: KV-cache greedy generate gives exactly the tokens of full recomputation (GQA, qwen2)") {
