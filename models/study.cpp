@@ -113,6 +113,27 @@ StudySummary run_study(const StudyGrid& g, const StudyOptions& o) {
   std::set<std::string> done_keys;
   for (const RunRecord& r : done) done_keys.insert(r.run.key());
   const std::vector<StudyRun> plan = plan_study(g);
+  // A run is skipped on resume by its key (task, method, variant, n, rank, seed, lr), so a grid whose
+  // method now means other options or steps (a changed default, an edited variant) would silently mix
+  // two settings under one label: refuse, naming the row.
+  {
+    std::map<std::string, size_t> row_of;
+    for (size_t i = 0; i < done.size(); ++i) row_of.emplace(done[i].run.key(), i);
+    for (const StudyRun& run : plan) {
+      auto it = row_of.find(run.key());
+      if (it == row_of.end()) continue;
+      const StudyMethod& m = g.methods[run.method_index];
+      json want = m.options();
+      if (m.alpha_is_rank) want["alpha"] = double(run.rank);
+      const RunRecord& r = done[it->second];
+      const int64_t steps = g.steps_for(m, run.n);
+      if (r.options != want || r.steps != steps)
+        throw std::runtime_error(fmt::format(
+            "{} line {}: run {} was recorded with options {} and {} steps, but the grid now gives {} and {} steps; "
+            "give the changed method a new \"variant\" name, or use another --out",
+            runs_path.string(), it->second + 1, run.key(), r.options.dump(), r.steps, want.dump(), steps));
+    }
+  }
   StudySummary sum;
   sum.planned = int64_t(plan.size());
   auto say = [&](const std::string& s) {

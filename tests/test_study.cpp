@@ -210,6 +210,22 @@ TEST_CASE("study: a miniature study runs, repeats exactly, resumes, and every ru
   for (size_t i = 0; i < runs.size(); ++i) CHECK(resumed[i]["test_acc"] == runs[i]["test_acc"]);
   json st = json::parse(std::ifstream(fs::path(o3.out_dir) / "study.json"));
   CHECK(st["calls"].size() == 2);
+
+  // A method whose options or steps changed under the same name is refused on resume (the key would
+  // skip its runs and mix two settings under one label), naming runs.jsonl, the row and both settings.
+  for (int what = 0; what < 2; ++what) {
+    StudyGrid g2 = g;
+    for (StudyMethod& m : g2.methods)
+      if (m.adapter.kind == "deeplora") {
+        if (what == 0) m.adapter.eps *= 10;
+        else m.steps = 7;
+      }
+    const std::string e = error_of([&] { run_study(g2, o3); });
+    CHECK_MESSAGE(contains(e, "runs.jsonl line "), e);
+    CHECK_MESSAGE(contains(e, "was recorded with options"), e);
+    CHECK_MESSAGE(contains(e, "new \"variant\" name"), e);
+  }
+  CHECK(read_lines(fs::path(o3.out_dir) / "runs.jsonl").size() == runs.size());  // nothing written
 }
 
 TEST_CASE("study: the tool runs a grid file; grid and task errors name the file and field") {
