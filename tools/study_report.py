@@ -429,6 +429,20 @@ class Study:
         return out
 
 
+def split_pairs(text):
+    """'A:B,C[x=1,y=2]:D' -> ['A:B', 'C[x=1,y=2]:D']: commas inside a variant's brackets do not split."""
+    out, cur, depth = [], "", 0
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [p.strip() for p in out if p.strip()]
+
+
 def cell_name(c):
     task, label, n, rank = c
     return f"{task}/{label}/n={n}" + (f"/r={rank}" if rank is not None else "")
@@ -774,7 +788,7 @@ def build(S, out_dir):
       "(df = pairs − 1, t from a built-in table). **Bold**: the interval excludes 0. \"all tasks\" pools "
       "every task × seed pair of that n and rank (df = pairs − 1).\n")
     R["paired"] = []
-    pairs = [p.split(":", 1) for p in args.pairs.split(",") if p.strip()]
+    pairs = [p.split(":", 1) for p in split_pairs(args.pairs)]
     for a, b in pairs:
         a, b = a.strip(), b.strip()
         miss = [x for x in (a, b) if x not in S.labels]
@@ -1065,8 +1079,8 @@ def main(argv=None):
         sel_path = os.path.join(args.dir, "selection.jsonl")
         selection = load_selection(sel_path) if os.path.isfile(sel_path) else None
         study = load_study(os.path.join(args.dir, "study.json"))
-        for p in args.pairs.split(","):
-            if p.strip() and ":" not in p:
+        for p in split_pairs(args.pairs):
+            if ":" not in p:
                 raise InputError(f"--pairs: '{p}' is not A:B")
         try:
             [int(x) for x in args.ns.split(",") if x.strip()]

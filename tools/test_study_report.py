@@ -178,6 +178,12 @@ class StudyReportTest(unittest.TestCase):
         self.assertEqual(row16[3], "**+11.0 [+8.5, +13.5]**")
         self.assertIn("### deeplora − deeplora-random\n\nskipped: no runs of deeplora-random", sec)
 
+    def test_split_pairs(self):
+        # Variant labels may hold commas ("gamma=1,L=2"); only top-level commas separate pairs.
+        self.assertEqual(study_report.split_pairs("a:b, deeplora[gamma=1,L=2]:lora ,c[x]:d[y=1,z=2],"),
+                         ["a:b", "deeplora[gamma=1,L=2]:lora", "c[x]:d[y=1,z=2]"])
+        self.assertEqual(study_report.split_pairs(""), [])
+
     def test_t_table(self):
         self.assertEqual(study_report.t975(2), 4.3027)
         self.assertEqual(study_report.t975(5), 2.5706)
