@@ -49,7 +49,8 @@ T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.
 Z975 = 1.9600
 
 METHOD_ORDER = ["lora", "lora-noscale", "deeplora", "deeplora-random", "full"]
-DEFAULT_PAIRS = "deeplora:lora,deeplora:lora-noscale,deeplora:deeplora-random"
+DEFAULT_PAIRS = ("deeplora:lora,deeplora:lora-noscale,deeplora:deeplora-random,"
+                 "deeplora[gamma=1]:lora,deeplora[gamma=1,L=2]:lora,deeplora[wide]:lora,deeplora[wide]:deeplora")
 SELECTION_RULE = "lr chosen by mean validation accuracy over seeds; test never read for any choice"
 
 
