@@ -124,6 +124,7 @@ std::vector<StudyMethod> StudyGrid::default_methods() {
   StudyMethod dl;
   dl.name = "deeplora";
   dl.adapter.kind = "deeplora";
+  dl.adapter.outer_lr_scale = 0.01;  // the published setting (train's default is 1: AdapterOptions)
   dl.lrs = {3e-3, 1e-2, 3e-2, 1e-1};
   dl.rank_sweep = true;
   v.push_back(dl);

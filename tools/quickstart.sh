@@ -4,7 +4,7 @@
 #      from Debian packages (tools/setup_study_data.sh);
 #   2. build: with CUDA when a GPU is present, the CPU part alone otherwise;
 #   3. pretrain a small base model on the corpus (reused when present);
-#   4. fine-tune LoRA and compressed Deep LoRA on one task (WordNet glosses -> 12 categories) at
+#   4. fine-tune LoRA and compressed Deep LoRA (the paper's gamma = 0.01 and train's default gamma = 1) on one task (WordNet glosses -> 12 categories) at
 #      n = 16 and 64 training examples, 3 seeds each, learning rates picked on the validation split;
 #   5. score the test split, print a comparison table and write out/quickstart/acc_vs_n.png.
 # GPU: the 6 x 384 base and the full task. CPU: a 2 x 64 base pretrained for a minute and the tiny
@@ -29,11 +29,11 @@ t1=$SECONDS
 if [[ $gpu == 1 ]]; then
   BUILD=$build bash tools/pretrain_base.sh small --quiet
   base=out/base-small/final task=data/tasks/wordnet_lexname
-  lora_lr='[1e-3, 3e-3]' dl_lr='[1e-2, 3e-2]' steps='"min_steps": 50, "max_steps": 100'
+  lora_lr='[1e-3, 3e-3]' dl_lr='[1e-2, 3e-2]' dl1_lr='[1e-3, 3e-3]' steps='"min_steps": 50, "max_steps": 100'
 else
   STEPS=40 BUILD=$build bash tools/pretrain_base.sh tiny --quiet
   base=out/base-tiny/final task=data/tasks-tiny/wordnet_lexname
-  lora_lr='[3e-3]' dl_lr='[3e-2]' steps='"min_steps": 8, "max_steps": 8'
+  lora_lr='[3e-3]' dl_lr='[3e-2]' dl1_lr='[3e-3]' steps='"min_steps": 8, "max_steps": 8'
 fi
 out=out/quickstart
 rm -rf "$out"
@@ -41,7 +41,8 @@ mkdir -p "$out"
 cat > "$out/grid.json" <<EOF
 {"base": "$base", "tasks": ["$task"], "n": [16, 64], "seeds": 3, "rank": 8, $steps,
  "methods": [{"like": "lora", "lr": $lora_lr, "rank_sweep": false},
-             {"like": "deeplora", "lr": $dl_lr, "rank_sweep": false}]}
+             {"like": "deeplora", "lr": $dl_lr, "rank_sweep": false},
+             {"like": "deeplora", "variant": "gamma=1", "outer_lr_scale": 1, "lr": $dl1_lr, "rank_sweep": false}]}
 EOF
 "$build/study" --grid "$out/grid.json" --out "$out" --quiet "$@"
 /usr/bin/python3 tools/study_report.py "$out" >/dev/null
@@ -56,8 +57,9 @@ print(f"\nquickstart: {task['name']} ({task['classes']} classes, chance {100 / t
       f"test accuracy in %, mean ± std over {sel[0]['seeds']} seeds, lr picked on validation")
 print("| method | " + " | ".join(f"n={n}" for n in ns) + " |")
 print("|---|" + "---|" * len(ns))
-for m in ["lora", "deeplora"]:
-    cells = {s["n"]: s for s in sel if s["method"] == m}
+label = lambda s: s["method"] + (f"[{s['variant']}]" if s.get("variant") else "")
+for m in dict.fromkeys(label(s) for s in sel):
+    cells = {s["n"]: s for s in sel if label(s) == m}
     print(f"| {m} | " + " | ".join(f"{100 * cells[n]['test_acc_mean']:.1f} ± {100 * cells[n]['test_acc_std']:.1f} (lr {cells[n]['lr']:g})"
                                    for n in ns) + " |")
 print(f"\nwrote {out}/report.md and {out}/acc_vs_n.png ({study['runs_done']} fine-tunes, "
