@@ -58,7 +58,7 @@ print(f"\nquickstart: {task['name']} ({task['classes']} classes, chance {100 / t
 print("| method | " + " | ".join(f"n={n}" for n in ns) + " |")
 print("|---|" + "---|" * len(ns))
 label = lambda s: s["method"] + (f"[{s['variant']}]" if s.get("variant") else "")
-for m in dict.fromkeys(label(s) for s in sel):
+for m in sorted(dict.fromkeys(label(s) for s in sel), key=lambda m: (not m.startswith("lora"), m)):
     cells = {s["n"]: s for s in sel if label(s) == m}
     print(f"| {m} | " + " | ".join(f"{100 * cells[n]['test_acc_mean']:.1f} ± {100 * cells[n]['test_acc_std']:.1f} (lr {cells[n]['lr']:g})"
                                    for n in ns) + " |")
