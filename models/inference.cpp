@@ -68,15 +68,18 @@ DType dtype_from_flag(const std::string& flag, Device dev) {
 }
 
 std::string resolve_vocab_dir(const std::string& flag, const std::string& model_dir) {
-  auto has = [](const fs::path& d) { return fs::exists(d / "vocab.json") && fs::exists(d / "merges.txt"); };
+  // What Tokenizer::from_dir reads: tokenizer.json, else vocab.json + merges.txt.
+  auto has = [](const fs::path& d) {
+    return fs::exists(d / "tokenizer.json") || (fs::exists(d / "vocab.json") && fs::exists(d / "merges.txt"));
+  };
   if (!flag.empty()) {
-    if (!has(flag)) throw std::runtime_error(fmt::format("--vocab-dir {}: no vocab.json + merges.txt there", flag));
+    if (!has(flag)) throw std::runtime_error(fmt::format("--vocab-dir {}: no tokenizer.json, nor vocab.json + merges.txt, there", flag));
     return flag;
   }
   if (!model_dir.empty() && has(model_dir)) return model_dir;
   if (has("data/gpt2")) return "data/gpt2";
-  throw std::runtime_error(fmt::format("no tokenizer: neither {} nor data/gpt2 holds vocab.json + merges.txt; give "
-                                       "--vocab-dir",
+  throw std::runtime_error(fmt::format("no tokenizer: neither {} nor data/gpt2 holds tokenizer.json or vocab.json + "
+                                       "merges.txt; give --vocab-dir",
                                        model_dir.empty() ? "the model directory" : model_dir));
 }
 

@@ -23,8 +23,9 @@ LoadedModel load_for_inference(const std::string& model_dir, const std::string& 
 // --device auto|cpu|cuda, --dtype auto|bf16|f32|f64 (auto: bf16 on CUDA, f32 on the CPU). Throws naming the flag.
 Device device_from_flag(const std::string& flag);
 DType dtype_from_flag(const std::string& flag, Device dev);
-// The tokenizer directory: the flag when given, else the model directory when it holds vocab.json +
-// merges.txt (train's final/ does), else data/gpt2. Throws naming both places when neither has one.
+// The tokenizer directory (for Tokenizer::from_dir): the flag when given, else the model directory
+// when it holds tokenizer.json or vocab.json + merges.txt (train's final/ does), else data/gpt2.
+// Throws naming both places when neither has one.
 std::string resolve_vocab_dir(const std::string& flag, const std::string& model_dir);
 
 }  // namespace deeplora

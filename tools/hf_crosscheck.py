@@ -24,6 +24,16 @@
                          config.json + model.safetensors + expected.safetensors as `fixture` (grads
                          under deeplora's names: without the "model." prefix, nn.Linear [out, in]).
                          Random init, then every parameter perturbed (norms not 1, biases not 0).
+  tokenizer_json_fixture DIR   two byte-level BPE tokenizers (vocab 2000) trained with HF tokenizers
+                         on ~1 MB of /usr/share/common-licenses + /usr/share/doc text, for
+                         tests/test_tokenizer_json.cpp: DIR/llama3_style (Llama 3's Split pattern,
+                         ByteLevel without regex, ignore_merges, specials <|begin_of_text|> and
+                         <|end_of_text|> after the vocab, a BOS template, non-special <think>) and
+                         DIR/qwen2_style (NFC, Qwen2's pattern, specials <|endoftext|> and <|im_start|>
+                         trained into the vocab, a normalized non-special token); each tokenizer.json
+                         + expected.json: HF's ids (add_special_tokens=False) of hostile strings (also
+                         with encode_special_tokens) and of the training text's first 128 Ki
+                         characters. Needs only the tokenizers package.
 """
 import json
 import os
@@ -258,6 +268,130 @@ def evalgen_fixture(model_dir, out):
     print(json.dumps({"evalgen_fixture": out, "examples": len(examples), "generations": len(gens)}))
 
 
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Texts that stress the pre-tokenizer, the normalizer and the added tokens.
+HOSTILE = [
+    "I'll  go\n\n  to   the store's 123 café 🙂",
+    "a\u0085b\u180ec\u3000 d\t\n",
+    "a\u180e\u180ez \u180e\u180e x\u0085\u0085 y",
+    "Don't STOP: x=1.5e-3; y's!! HE'S WE'RE we'Ll I'M THEY'D",
+    "line one\r\nline two\r\n\r\n  \r\n\tindented\r\n",
+    "x  \ny x!!\n\ny $hello \u3000x",
+    "e\u0301 A\u030a \u1100\u1161 n\u0303o \u00e9 \u212b \u1e9b\u0323",  # combining marks, Hangul jamo, singletons
+    "family \U0001f468\u200d\U0001f469\u200d\U0001f467 flag \U0001f3f3\ufe0f\u200d\U0001f308 \U0001f44d\U0001f3fd",
+    "0 12 345 6789 1234567890 3.14159 1,000,000 \u0661\u0662\u0663\u0664 \u00bd \u2167",
+    "      leading and trailing      ",
+    "\n\n\n\t\t\t   \u2003\u2003x\u00a0\u00a0y\u202f\u2028z\u2029",
+    "<|begin_of_text|>Hello<|end_of_text|> <|begin_of_text|",
+    "<|im_start|>user\nhi there<|endoftext|><|im_start|>assistant\n",
+    "<think>why</think> <think> think> cafe\u0301 au lait, caf\u00e9 au lait",
+    "$$$ ((( ))) ... !!! ??? --- ___ a--b c__d ~`^",
+    "nul\0byte",
+    "",
+]
+
+
+def _license_text(limit):
+    """About `limit` characters of English: Debian's licenses, then the packages' copyright files."""
+    import glob
+
+    files = sorted(glob.glob("/usr/share/common-licenses/*")) + sorted(glob.glob("/usr/share/doc/*/copyright"))
+    parts, n = [], 0
+    for path in files:
+        if n >= limit or not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            t = f.read()
+        parts.append(t)
+        n += len(t)
+    return "".join(parts)
+
+
+def tokenizer_json_fixture(out):
+    import tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    text = _license_text(1 << 20)
+    assert len(text) > 200_000, f"only {len(text)} characters of training text"
+    chunks = text.split("\n\n")
+    specs = {
+        "llama3_style": dict(pattern=LLAMA3_PATTERN, nfc=False, ignore_merges=True,
+                             specials=["<|begin_of_text|>", "<|end_of_text|>"], specials_in_vocab=False,
+                             extra=AddedToken("<think>", special=False, normalized=False), bos="<|begin_of_text|>"),
+        "qwen2_style": dict(pattern=QWEN2_PATTERN, nfc=True, ignore_merges=False,
+                            specials=["<|endoftext|>", "<|im_start|>"], specials_in_vocab=True,
+                            extra=AddedToken("cafe\u0301 au lait", special=False, normalized=True), bos=None),
+    }
+    summary = {}
+    for name, sp in specs.items():
+        tok = Tokenizer(models.BPE())
+        if sp["nfc"]:
+            tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(sp["pattern"]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=2000, min_frequency=2, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=sp["specials"] if sp["specials_in_vocab"] else [])
+        tok.train_from_iterator(chunks, trainer=trainer)
+        if not sp["specials_in_vocab"]:
+            tok.add_special_tokens(sp["specials"])  # ids after the model's vocab, as Llama 3's
+        tok.add_tokens([sp["extra"]])
+        if sp["bos"]:
+            bos = sp["bos"]
+            tok.post_processor = processors.Sequence([
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                              special_tokens=[(bos, tok.token_to_id(bos))])])
+        else:
+            tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        # ignore_merges through the JSON (the trainer keeps a fresh model's default); read back to
+        # make sure this tokenizers version knows it.
+        j = json.loads(tok.to_str())
+        j["model"]["ignore_merges"] = sp["ignore_merges"]
+        tok = Tokenizer.from_str(json.dumps(j))
+        assert json.loads(tok.to_str())["model"].get("ignore_merges", False) == sp["ignore_merges"], \
+            f"tokenizers {tokenizers.__version__} does not keep ignore_merges"
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, "tokenizer.json")
+        tok.save(path)
+        tok = Tokenizer.from_file(path)  # the ids of exactly the file deeplora reads
+
+        def ids(s, ordinary=False):
+            if not ordinary:
+                return tok.encode(s, add_special_tokens=False).ids
+            tok.encode_special_tokens = True  # special tokens as text: deeplora's allow_special = false
+            try:
+                return tok.encode(s, add_special_tokens=False).ids
+            finally:
+                tok.encode_special_tokens = False
+
+        ordinary = hasattr(tok, "encode_special_tokens")  # tokenizers >= 0.15
+        cases = []
+        for s in HOSTILE:
+            c = {"text": s, "ids": ids(s)}
+            if ordinary:
+                c["ids_ordinary"] = ids(s, ordinary=True)
+            cases.append(c)
+        sample = text[: 1 << 17]  # kept small: the fixture is committed
+        cases.append({"text": sample, "ids": ids(sample)})
+        vocab = tok.get_vocab(with_added_tokens=True)
+        exp = {"tokenizers_version": tokenizers.__version__, "nfc": sp["nfc"], "vocab_size": max(vocab.values()) + 1,
+               "bos_id": tok.token_to_id(sp["bos"]) if sp["bos"] else None, "cases": cases}
+        with open(os.path.join(d, "expected.json"), "w", encoding="utf-8") as f:
+            json.dump(exp, f, ensure_ascii=False)
+        summary[name] = {"vocab_size": exp["vocab_size"], "ids": sum(len(c["ids"]) for c in cases),
+                         "ignore_merges": sp["ignore_merges"], "ordinary_checked": ordinary}
+    print(json.dumps({"tokenizer_json_fixture": out, "tokenizers": tokenizers.__version__, "training_chars": len(text),
+                      **summary}))
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "fixture":
@@ -276,5 +410,7 @@ if __name__ == "__main__":
         evalgen_fixture(*args)
     elif cmd == "llama_fixture":
         llama_fixture(*args)
+    elif cmd == "tokenizer_json_fixture":
+        tokenizer_json_fixture(*args)
     else:
         sys.exit(__doc__)

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for p in cmake ninja-build g++ pkg-config libfmt-dev doctest-dev nlohmann-json3-dev libpcre2-dev libcli11-dev \
+for p in cmake ninja-build g++ pkg-config libfmt-dev doctest-dev nlohmann-json3-dev libpcre2-dev libcli11-dev libicu-dev \
          libopenmpi-dev openmpi-bin libopenblas-dev fortunes-min python3 python3-matplotlib python3-numpy \
          clang libclang-rt-dev; do  # clang + libclang-rt-dev (libclang_rt.fuzzer): tools/fuzz.sh
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
