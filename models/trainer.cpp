@@ -455,7 +455,7 @@ void save_best(const TrainOptions& o, CausalLM& model, const Adapters& adapters,
 
 // final/ loads in eval and generate without --vocab-dir: the tokenizer's files travel with it.
 void copy_tokenizer_files(const std::string& vocab_dir, const fs::path& dst) {
-  for (const char* f : {"vocab.json", "merges.txt"}) {
+  for (const char* f : {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}) {
     const fs::path src = fs::path(vocab_dir) / f;
     if (fs::exists(src)) fs::copy_file(src, dst / f, fs::copy_options::overwrite_existing);
   }
@@ -635,10 +635,17 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
   auto say = [&](const std::string& s) {
     if (!o.quiet && dc.rank == 0) fmt::print("{}\n", s);  // DP: rank 0 alone logs
   };
+  // The tokenizer: --vocab-dir when given; else the model directory's own (tokenizer.json, or
+  // vocab.json + merges.txt: a Llama-family model ships only tokenizer.json), else data/gpt2.
+  auto has_tokenizer = [](const fs::path& d) {
+    return fs::exists(d / "tokenizer.json") || (fs::exists(d / "vocab.json") && fs::exists(d / "merges.txt"));
+  };
+  const std::string vocab_dir =
+      !o.model_dir.empty() && o.vocab_dir == TrainOptions{}.vocab_dir && has_tokenizer(o.model_dir) ? o.model_dir : o.vocab_dir;
   std::unique_ptr<Tokenizer> own_tok;
   const Tokenizer* tok = in.tokenizer;
-  if (!tok && !o.vocab_dir.empty() && fs::exists(fs::path(o.vocab_dir) / "vocab.json")) {
-    own_tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(o.vocab_dir));
+  if (!tok && !vocab_dir.empty() && has_tokenizer(vocab_dir)) {
+    own_tok = std::make_unique<Tokenizer>(Tokenizer::from_dir(vocab_dir));
     tok = own_tok.get();
   }
 
@@ -998,7 +1005,7 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
       res.adapters.clear();
     }
     model.save_hf((out / "final").string());
-    copy_tokenizer_files(o.vocab_dir, out / "final");
+    copy_tokenizer_files(vocab_dir, out / "final");
     say(fmt::format("saved {} (HF layout{})", (out / "final").string(),
                     fs::exists(out / "final" / "vocab.json") ? ", with the tokenizer" : ""));
   }

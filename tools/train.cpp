@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
   app.add_option("--save-best", o.save_best, "keep <out>/best: acc (first --eval-data) or loss (validation loss)")
       ->check(CLI::IsMember({"acc", "loss"}));
   app.add_option("--eval-prompts", o.eval_prompts, "eval samples start from these prompts (one per line, or JSONL \"prompt\")");
-  app.add_option("--vocab-dir", o.vocab_dir, "directory with GPT-2's vocab.json + merges.txt")->capture_default_str();
+  app.add_option("--vocab-dir", o.vocab_dir, "tokenizer directory (tokenizer.json, or vocab.json + merges.txt); default: the --model directory's, else data/gpt2")->capture_default_str();
   app.add_option("--batch", o.batch, "sequences per micro-batch")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 20));
   app.add_option("--seq-len", o.seq_len, "tokens per sequence (at most the model's n_positions)")
       ->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 20));
