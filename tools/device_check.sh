@@ -268,7 +268,12 @@ if has llama; then
     python3 tools/hf_crosscheck.py llama_fixture tests/data/llama_tiny > "$OUT/logs/llama.log" 2>&1
   fi
   tar -czf "$OUT/llama_tiny.tar.gz" -C tests/data llama_tiny 2>/dev/null
-  ./build/deeplora_tests -tc='llama*,*llama*,*gqa*,*rope*,*rmsnorm*' --duration=false >> "$OUT/logs/llama.log" 2>&1
+  # tokenizer.json fixtures made by HF tokenizers (tests/data/tokenizer_json, made when missing).
+  if [[ ! -f tests/data/tokenizer_json/llama3_style/expected.json ]]; then
+    python3 tools/hf_crosscheck.py tokenizer_json_fixture tests/data/tokenizer_json >> "$OUT/logs/llama.log" 2>&1
+  fi
+  tar -czf "$OUT/tokenizer_json.tar.gz" -C tests/data tokenizer_json 2>/dev/null
+  ./build/deeplora_tests -tc='llama*,*llama*,*gqa*,*rope*,*rmsnorm*,tokenizer*' --duration=false >> "$OUT/logs/llama.log" 2>&1
   result[llama]=$(grep -E "^\[doctest\] (test cases|assertions)" "$OUT/logs/llama.log" | tr -s ' ' | paste -sd' ')
   grep -B2 -A8 "ERROR" "$OUT/logs/llama.log" | head -40
 fi
