@@ -73,7 +73,7 @@ std::vector<std::string> registered_families() {
   return v;
 }
 
-std::string read_model_type(const std::string& path) {
+nlohmann::json read_config_json(const std::string& path) {
   std::ifstream f(path);
   if (!f) throw std::runtime_error(fmt::format("{}: cannot open config", path));
   nlohmann::json j;
@@ -82,6 +82,11 @@ std::string read_model_type(const std::string& path) {
   } catch (const std::exception& e) {
     throw std::runtime_error(fmt::format("{}: not valid JSON: {}", path, e.what()));
   }
+  return j;
+}
+
+std::string read_model_type(const std::string& path) {
+  const nlohmann::json j = read_config_json(path);
   if (!j.is_object() || !j.contains("model_type")) return "gpt2";  // the family's parser names what is missing
   const nlohmann::json& t = j["model_type"];
   const std::string type = t.is_string() ? t.get<std::string>() : t.dump();

@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "runtime/io/safetensors.h"
 #include "runtime/tensor.h"
 
@@ -177,6 +179,9 @@ std::vector<std::string> registered_families();
 // config.json's model_type ("gpt2" when the field is absent, as old GPT-2 configs are); throws naming
 // the file when it cannot be read, is not JSON or names no registered family.
 std::string read_model_type(const std::string& config_path);
+// A config file parsed as JSON; throws naming the file when it cannot be opened or is not JSON. What
+// the document must hold is the caller's to check (every family's config parser reads through this).
+nlohmann::json read_config_json(const std::string& path);
 // The family whose presets (or aliases) hold `preset`; throws listing every preset.
 const CausalLMFamily& family_of_preset(const std::string& preset);
 // An HF model directory (config.json + model.safetensors) of any registered family.

@@ -47,14 +47,7 @@ void GptConfig::validate() const {
 }
 
 GptConfig GptConfig::from_json_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw std::runtime_error(fmt::format("{}: cannot open config", path));
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(fmt::format("{}: not valid JSON: {}", path, e.what()));
-  }
+  nlohmann::json j = read_config_json(path);
   GptConfig c;
   auto get = [&](const char* key, int64_t& dst, bool required) {
     if (!j.contains(key)) {

@@ -55,14 +55,7 @@ std::string LlamaConfig::architecture() const {
 }
 
 LlamaConfig LlamaConfig::from_json_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw std::runtime_error(fmt::format("{}: cannot open config", path));
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(fmt::format("{}: not valid JSON: {}", path, e.what()));
-  }
+  nlohmann::json j = read_config_json(path);
   if (!j.is_object()) throw std::runtime_error(fmt::format("{}: not a JSON object", path));
   LlamaConfig c;
   if (!j.contains("model_type") || !j["model_type"].is_string())
