@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
+#include "runtime/ops.h"
 #include "runtime/tape.h"
 
 namespace deeplora {
@@ -71,6 +72,25 @@ std::vector<std::string> registered_families() {
   std::vector<std::string> v;
   for (auto& e : r.families) v.push_back(e->model_type);
   return v;
+}
+
+Tensor compute_tensor(Param& p, DType compute) {
+  if (!p.master.defined()) return Tensor();
+  if (p.master.dtype() == compute) return p.master;
+  if (!p.trainable) {
+    if (!p.frozen_work.defined()) {
+      NoGrad ng;
+      p.frozen_work = p.master.to(compute);
+    }
+    return p.frozen_work;
+  }
+  return ops::cast(p.master, compute);
+}
+
+Tensor apply_linear(Linear& l, const Tensor& x, const Tensor& residual, DType compute) {
+  Tensor y = ops::linear(x, compute_tensor(*l.w, compute), l.b ? compute_tensor(*l.b, compute) : Tensor(), residual);
+  if (l.adapter) y = l.adapter->forward(x, y);
+  return y;
 }
 
 nlohmann::json read_config_json(const std::string& path) {

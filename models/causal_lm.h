@@ -61,6 +61,13 @@ struct Linear {
   int64_t out_features() const { return w->master.dim(0); }
 };
 
+// The tensor a forward in `compute` uses for p: the master itself when it is already in that dtype;
+// for a frozen one a compute-dtype copy made once and cached (no cast, no gradient); for a trainable
+// one a recorded cast, so the gradient reaches the master. Undefined for an undefined master.
+Tensor compute_tensor(Param& p, DType compute);
+// y = x Wᵀ + b (+ residual, in the GEMM's addend), then the adapter's branch, in `compute`.
+Tensor apply_linear(Linear& l, const Tensor& x, const Tensor& residual, DType compute);
+
 struct CausalLMFamily;
 
 // A decoder-only language model with HF-named f32 master parameters, run in its compute dtype.

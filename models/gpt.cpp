@@ -201,22 +201,10 @@ std::vector<Linear*> Gpt::linears() {
   return v;
 }
 
-Tensor Gpt::work(Param& p) {
-  if (p.master.dtype() == compute_) return p.master;
-  if (!p.trainable) {
-    if (!p.frozen_work.defined()) {
-      NoGrad ng;
-      p.frozen_work = p.master.to(compute_);
-    }
-    return p.frozen_work;
-  }
-  return ops::cast(p.master, compute_);
-}
+Tensor Gpt::work(Param& p) { return compute_tensor(p, compute_); }
 
 Tensor Gpt::apply_linear(Linear& l, const Tensor& x, const Tensor& residual) {
-  Tensor y = ops::linear(x, work(*l.w), work(*l.b), residual);
-  if (l.adapter) y = l.adapter->forward(x, y);
-  return y;
+  return deeplora::apply_linear(l, x, residual, compute_);
 }
 
 Tensor Gpt::forward(const Tensor& tokens) {

@@ -305,23 +305,10 @@ std::vector<Linear*> Llama::linears() {
   return v;
 }
 
-Tensor Llama::work(Param& p) {
-  if (!p.master.defined()) return Tensor();
-  if (p.master.dtype() == compute_) return p.master;
-  if (!p.trainable) {
-    if (!p.frozen_work.defined()) {
-      NoGrad ng;
-      p.frozen_work = p.master.to(compute_);
-    }
-    return p.frozen_work;
-  }
-  return ops::cast(p.master, compute_);
-}
+Tensor Llama::work(Param& p) { return compute_tensor(p, compute_); }
 
 Tensor Llama::apply_linear(Linear& l, const Tensor& x, const Tensor& residual) {
-  Tensor y = ops::linear(x, work(*l.w), l.b ? work(*l.b) : Tensor(), residual);
-  if (l.adapter) y = l.adapter->forward(x, y);
-  return y;
+  return deeplora::apply_linear(l, x, residual, compute_);
 }
 
 Tensor Llama::head_weight(const Tensor& embed) { return cfg_.tie_word_embeddings ? embed : work(lm_head_); }
