@@ -51,8 +51,10 @@ TrainStep::TrainStep(CausalLM& model, AdamW& opt, Options o) : model_(model), op
 TrainStep::~TrainStep() = default;
 
 bool TrainStep::captured() const { return graph_ && graph_->captured(); }
+int64_t TrainStep::graph_nodes() const { return graph_ ? graph_->nodes() : 0; }
 
 void TrainStep::step() {
+  ops::TrustedIds trusted;  // run() checked every id on the host: no counting sync per op
   opt_.zero_grad();
   for (int64_t m = 0; m < o_.grad_accum; ++m) {
     LossBatch b(tokens_[size_t(m)], targets_[size_t(m)], o_.loss_rows > 0 ? rows_[size_t(m)] : Tensor());
@@ -62,10 +64,33 @@ void TrainStep::step() {
     backward(ops::mul(loss, weights_.slice0(m, m + 1).reshape(Shape{})));
   }
   if (o_.after_backward) o_.after_backward();
-  opt_.step_on_device(losses_);
+  if (o_.reduce_losses) {
+    Tensor all = losses_.clone();
+    o_.reduce_losses(all);
+    opt_.step_on_device(all);
+  } else {
+    opt_.step_on_device(losses_);
+  }
 }
 
-TrainStep::Result TrainStep::run(const std::vector<Batch>& micro, double lr, const std::vector<double>& weights) {
+// The ids of a micro-batch must index the model's vocabulary (targets may also be -100).
+static void check_batch_ids(const Batch& b, size_t m, int64_t V) {
+  auto bad = [&](const std::vector<int32_t>& v, bool targets) -> int64_t {
+    for (size_t i = 0; i < v.size(); ++i)
+      if ((v[i] < 0 || v[i] >= V) && !(targets && v[i] == -100)) return int64_t(i);
+    return -1;
+  };
+  for (bool targets : {false, true}) {
+    const std::vector<int32_t>& v = targets ? b.targets : b.inputs;
+    if (int64_t i = bad(v, targets); i >= 0)
+      throw std::invalid_argument(fmt::format("TrainStep: micro-batch {}: {} id {} at flat index {} is out of range "
+                                              "[0, {}) (the model's vocabulary)",
+                                              m, targets ? "target" : "input", v[size_t(i)], i, V));
+  }
+}
+
+void TrainStep::start(const std::vector<Batch>& micro, double lr, const std::vector<double>& weights) {
+  check(!started_, "TrainStep::start", "the previous step was not finished (call finish())");
   check(int64_t(micro.size()) == o_.grad_accum, "TrainStep::run",
         fmt::format("{} micro-batches given, grad_accum is {}", micro.size(), o_.grad_accum));
   check(weights.empty() || weights.size() == micro.size(), "TrainStep::run", "one weight per micro-batch");
@@ -75,6 +100,10 @@ TrainStep::Result TrainStep::run(const std::vector<Batch>& micro, double lr, con
     const Batch& b = micro[m];
     check(b.B == o_.batch && b.T == o_.seq_len, "TrainStep::run",
           fmt::format("micro-batch {} is {} x {}; the step was built for {} x {}", m, b.B, b.T, o_.batch, o_.seq_len));
+    check(b.inputs.size() == size_t(b.B * b.T) && b.targets.size() == b.inputs.size(), "TrainStep::run",
+          fmt::format("micro-batch {} holds {} inputs and {} targets for {} x {}", m, b.inputs.size(), b.targets.size(),
+                      b.B, b.T));
+    check_batch_ids(b, m, model_.vocab_size());
     tokens_[m].copy_from(Tensor::from_ints(b.inputs, Shape{b.B, b.T}));
     if (o_.loss_rows > 0) {
       std::vector<int32_t> rows(size_t(o_.loss_rows), 0), tg(size_t(o_.loss_rows), -100);
@@ -107,9 +136,16 @@ TrainStep::Result TrainStep::run(const std::vector<Batch>& micro, double lr, con
       step();
     }
   }
+  w_ = std::move(w);
+  started_ = true;
+}
+
+TrainStep::Result TrainStep::finish() {
+  check(started_, "TrainStep::finish", "no step was started");
+  started_ = false;
   Result r;
   r.micro_losses = losses_.to_double();  // synchronizes: the step is done
-  for (size_t m = 0; m < w.size(); ++m) r.loss += w[m] * r.micro_losses[m];
+  for (size_t m = 0; m < w_.size(); ++m) r.loss += w_[m] * r.micro_losses[m];
   const AdamW::StepInfo info = opt_.last_step();
   r.norm = info.norm;
   r.grad_scale = info.grad_scale;

@@ -29,8 +29,11 @@ class TrainStep {
     double clip = 1.0;  // global-norm clip (0: off)
     bool cuda_graph = true;
     // Data parallel: called before the last micro-batch's backward and after it (the gradient
-    // reducer's arm and finish). With either set, the step runs eagerly.
+    // reducer's arm and finish; tests poison gradients there). With either set, the step runs eagerly.
     std::function<void()> before_last_backward, after_backward;
+    // Data parallel: sums the step's micro-batch losses over ranks (in place, on the device) before
+    // the non-finite check, so that every rank skips a step together when any rank's loss is bad.
+    std::function<void(Tensor&)> reduce_losses;
   };
   struct Result {
     double loss = 0;                  // sum over micro-batches of weight x loss
@@ -47,8 +50,17 @@ class TrainStep {
   // One step on grad_accum micro-batches of B x T (and at most loss_rows loss positions each).
   // weights: each micro-batch loss's weight in the step's loss (empty: 1 / grad_accum each; token
   // counts over their total make the step's loss the token mean of the whole step).
-  Result run(const std::vector<Batch>& micro, double lr, const std::vector<double>& weights = {});
+  // Ids are checked on the host against the model's vocabulary (a clear error naming the micro-batch).
+  Result run(const std::vector<Batch>& micro, double lr, const std::vector<double>& weights = {}) {
+    start(micro, lr, weights);
+    return finish();
+  }
+  // run() in two halves: start() copies the batches in and launches the step (asynchronous on the
+  // GPU); finish() waits for it and reads the result. The host may prepare the next batch between.
+  void start(const std::vector<Batch>& micro, double lr, const std::vector<double>& weights = {});
+  Result finish();
   bool captured() const;
+  int64_t graph_nodes() const;  // nodes of the captured step (0 when eager)
   const Options& options() const { return o_; }
 
  private:
@@ -59,7 +71,8 @@ class TrainStep {
   std::vector<Tensor> tokens_, targets_, rows_;
   Tensor weights_, losses_;
   std::unique_ptr<StepGraph> graph_;
-  bool graph_failed_ = false;
+  bool graph_failed_ = false, started_ = false;
+  std::vector<double> w_;
 };
 
 // The most loss positions any batch of these examples can hold at B rows of T inputs: the B largest

@@ -18,13 +18,13 @@
 #include "models/generate.h"
 #include "models/causal_lm.h"
 #include "models/tokenizer.h"
+#include "models/train_step.h"
 #include "runtime/device.h"
 #include "runtime/dist.h"
 #include "runtime/io/atomic_file.h"
 #include "runtime/io/dataloader.h"
 #include "runtime/io/run_dir.h"
 #include "runtime/io/safetensors.h"
-#include "runtime/io/staging.h"
 #include "runtime/ops.h"
 #include "runtime/optim.h"
 #include "runtime/tape.h"
@@ -841,29 +841,39 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
   std::vector<double> tps;
   const auto t_start = Clock::now();
   int64_t run_steps = 0;
-  // Batches go up through pinned buffers without a host sync; the next one is read and queued while
-  // the GPU still works on the current one. `pending` remembers where the loader stood before it.
-  PinnedStaging staging;
+  // The step (models/train_step.h): static device buffers, zero-grad, forward/backward of every
+  // micro-batch, clip and AdamW with the non-finite guard on the device; on CUDA captured into a CUDA
+  // graph and replayed (--cuda-graph). Example data pads each micro-batch to the most loss positions
+  // any batch of these examples can hold, so every step has the same shapes.
+  TrainStep::Options so;
+  so.batch = o.batch;
+  so.seq_len = o.seq_len;
+  so.grad_accum = o.grad_accum;
+  so.loss_rows = dl.is_examples() ? max_loss_rows(dl.examples(), o.batch, o.seq_len) : 0;
+  so.clip = o.clip;
+  so.cuda_graph = o.cuda_graph;
+  if (reducer) {
+    so.before_last_backward = [&] { reducer->arm(); };  // DP: all-reduce in the last backward only
+    so.reduce_losses = [](Tensor& l) { dist::all_reduce_sum(l); };  // every rank skips a bad step together
+  }
+  int64_t cur_step = 0;
+  if (reducer || o.on_grads)
+    so.after_backward = [&] {
+      if (reducer) reducer->finish();  // DP: grads now averaged over ranks (before the norm and clip)
+      if (o.on_grads) o.on_grads(cur_step, opt);
+    };
+  TrainStep train_step(model, opt, so);
+  // The next step's batches are read while the GPU works on the current one. `pending` remembers
+  // where the loader stood before them (a checkpoint resumes there).
   struct Pending {
-    Tensors2 t;
+    std::vector<Batch> micro;
     int64_t epoch = 0, pos = 0;
-    int64_t n_loss = 0;  // loss tokens in this micro-batch
   };
   auto fetch = [&] {
     Pending p;
     p.epoch = dl.epoch();
     p.pos = dl.position();
-    Batch b = dl.next();
-    p.n_loss = b.n_loss_tokens();
-    p.t.in = staging.upload(b.inputs, Shape{b.B, b.T}, dev);
-    if (dl.is_examples()) {
-      LossRows r = loss_rows(b);
-      const int64_t n = int64_t(r.rows.size());
-      p.t.rows = staging.upload(r.rows, Shape{n}, dev);
-      p.t.tgt = staging.upload(r.targets, Shape{n}, dev);
-    } else {
-      p.t.tgt = staging.upload(b.targets, Shape{b.B, b.T}, dev);
-    }
+    for (int64_t i = 0; i < o.grad_accum; ++i) p.micro.push_back(dl.next());
     return p;
   };
   std::optional<Pending> pending;
@@ -903,40 +913,31 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
     const auto t0 = Clock::now();
     if (o.on_step) o.on_step(step);
     const double lr = lr_at(o, step, total_steps);
-    opt.zero_grad();
-    // Every micro-batch of the step is read first: the loss is the mean over all loss tokens of the
-    // step (every micro-batch, every rank), so micro-batch i weighs n_i / N. With token streams all n_i
-    // are equal (1 / grad_accum, as before); with examples of varied lengths this is what makes N
-    // ranks x batch b x grad-accum k equal one process at batch N*b*k.
-    std::vector<Pending> micro;
-    micro.reserve(size_t(o.grad_accum));
-    for (int64_t i = 0; i < o.grad_accum; ++i) {
-      if (i == 0 && pending) micro.push_back(std::move(*pending));
-      else micro.push_back(fetch());
-      pending.reset();
-    }
+    cur_step = step;
+    // The loss is the mean over all loss tokens of the step (every micro-batch, every rank), so
+    // micro-batch i weighs n_i / N. With token streams all n_i are equal (1 / grad_accum, as before);
+    // with examples of varied lengths this is what makes N ranks x batch b x grad-accum k equal one
+    // process at batch N*b*k.
+    Pending cur = pending ? std::move(*pending) : fetch();
+    pending.reset();
+    std::vector<double> n_loss;
     double n_local = 0;
-    for (const Pending& m : micro) n_local += double(m.n_loss);
+    for (const Batch& b : cur.micro) n_local += double(n_loss.emplace_back(double(b.n_loss_tokens())));
     const double n_global = dc.world > 1 ? dist::all_reduce_scalar(n_local) : n_local;
+    std::vector<double> weights;  // DP: the reducer averages over ranks, hence the factor world
+    for (double n : n_loss) weights.push_back(n_global > 0 ? n * double(dc.world) / n_global : 0.0);
+    train_step.start(cur.micro, lr, weights);
+    if (step + 1 < total_steps) pending = fetch();  // overlaps the GPU's work
+    const TrainStep::Result sr = train_step.finish();
     double loss_sum = 0;  // sum over this rank's micro-batches of n_i * loss_i
-    for (int64_t i = 0; i < o.grad_accum; ++i) {
-      Pending cur = std::move(micro[size_t(i)]);
-      Tensor loss = batch_loss(model, cur.t);
-      // DP: the reducer averages over ranks, hence the factor world.
-      const double w = n_global > 0 ? double(cur.n_loss) * double(dc.world) / n_global : 0.0;
-      if (reducer && i + 1 == o.grad_accum) reducer->arm();  // DP: all-reduce in the last backward only
-      backward(w == 1.0 ? loss : ops::scale(loss, w));
-      if (i + 1 == o.grad_accum && step + 1 < total_steps) pending = fetch();  // overlaps the GPU's work
-      if (cur.n_loss > 0) loss_sum += loss.item() * double(cur.n_loss);
-    }
-    if (reducer) reducer->finish();  // DP: grads now averaged over ranks (before the norm and clip)
-    if (o.on_grads) o.on_grads(step, opt);
+    for (size_t i = 0; i < n_loss.size(); ++i)
+      if (n_loss[i] > 0) loss_sum += sr.micro_losses[i] * n_loss[i];
     const double loss_all = dc.world > 1 ? dist::all_reduce_scalar(loss_sum) : loss_sum;
     const double loss = n_global > 0 ? loss_all / n_global : NAN;
-    const double norm = opt.grad_norm();
-    // The non-finite guard: such a step never reaches the weights (every rank sees the same loss and
-    // the same all-reduced gradients, so all skip it together).
-    const bool bad = !std::isfinite(loss) || !std::isfinite(norm);
+    const double norm = sr.norm;
+    // The non-finite guard (on the device): such a step never reached the weights (every rank sees
+    // the same all-reduced losses and gradients, so all skipped it together).
+    const bool bad = sr.skipped;
     if (bad) {
       ++res.bad_steps;
       if (res.bad_steps > o.max_bad_steps)
@@ -953,11 +954,7 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
       say(fmt::format("step {:>5}/{} | skipped: loss {}, grad norm {} (non-finite; {} of at most {} with "
                       "--max-bad-steps)",
                       step + 1, total_steps, num(loss), num(norm), res.bad_steps, o.max_bad_steps));
-    } else {
-      const double scale = o.clip > 0 && norm > o.clip ? o.clip / norm : 1.0;
-      opt.step(lr, scale);
     }
-    if (dev == Device::cuda) cuda_sync();
     const double dt_s = std::chrono::duration<double>(Clock::now() - t0).count();
     const double tok_s = double(tokens_per_step) / dt_s;
     if (run_steps > 0) tps.push_back(tok_s);
@@ -992,7 +989,10 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
   if (!tps.empty()) {
     std::nth_element(tps.begin(), tps.begin() + int64_t(tps.size() / 2), tps.end());
     res.tokens_per_second = tps[tps.size() / 2];
+    res.step_ms = 1e3 * double(tokens_per_step) / res.tokens_per_second;
   }
+  res.cuda_graph = train_step.captured();
+  res.graph_nodes = train_step.graph_nodes();
   const GpuMemory mem = gpu_memory();
   res.gpu_peak_bytes = mem.allocator_peak;
   if (o.save_final && writes && step >= total_steps) {
@@ -1013,6 +1013,9 @@ TrainResult train_impl(const TrainOptions& o, const TrainInputs& in, const dist:
     nlohmann::json sj = {{"final_step", res.final_step},
                          {"final_loss", res.losses.empty() ? nlohmann::json(nullptr) : nlohmann::json(res.losses.back())},
                          {"tokens_per_s", res.tokens_per_second},
+                         {"step_ms", res.step_ms},
+                         {"cuda_graph", res.cuda_graph},
+                         {"graph_nodes", res.graph_nodes},
                          {"seconds", res.seconds},
                          {"n_trainable", res.n_trainable},
                          {"bad_steps", res.bad_steps}};

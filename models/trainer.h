@@ -49,6 +49,7 @@ struct TrainOptions {
   // Non-finite loss or gradient norm: the step is skipped (no update) and counted; more than this many
   // in a run stop it with an error naming the step.
   int64_t max_bad_steps = 10;
+  bool cuda_graph = true;  // capture the training step into a CUDA graph (CUDA; models/train_step.h)
   bool save_final = true;  // out_dir/final in the HF layout (+ out_dir/adapter)
   uint64_t seed = 1337;
   std::string dtype = "bf16";   // compute dtype: bf16 | f32 | f64
@@ -100,6 +101,9 @@ struct TrainResult {
   int64_t final_step = 0;
   int64_t bad_steps = 0;           // steps skipped for a non-finite loss or gradient norm
   double tokens_per_second = 0;    // median over the run's steps after the first
+  double step_ms = 0;              // median step time over the same steps
+  bool cuda_graph = false;         // the step ran as a captured CUDA graph
+  int64_t graph_nodes = 0;         // of that graph (kernels, copies, memsets)
   double seconds = 0;
   double adapter_grad_seconds = 0, adapter_svd_seconds = 0;  // initialization pass (deeplora gradsvd)
   int64_t n_trainable = 0;

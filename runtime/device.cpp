@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <new>
 #include <stdexcept>
@@ -178,6 +179,7 @@ void* CudaAllocator::allocate(size_t bytes) {
     free_.erase(it);
     st_.cached -= got;
     live_[p] = got;
+    if (capture_pool_ > 0) owners_[p].push_back(capture_pool_);
     st_.in_use += got;
     st_.peak = std::max(st_.peak, st_.in_use);
     return p;
@@ -199,6 +201,7 @@ void* CudaAllocator::allocate(size_t bytes) {
   ++st_.n_device_allocs;
   st_.reserved += sz;
   live_[p] = sz;
+  if (capture_pool_ > 0) owners_[p].push_back(capture_pool_);
   st_.in_use += sz;
   st_.peak = std::max(st_.peak, st_.in_use);
   return p;
@@ -211,27 +214,46 @@ void CudaAllocator::deallocate(void* p) {
   size_t sz = it->second;
   live_.erase(it);
   st_.in_use -= sz;
-  if (pool_depth_ > 0) {
-    pool_held_[p] = sz;
+  if (capture_pool_ > 0) {  // freed inside a capture: the graph uses it on every replay
+    std::vector<int>& o = owners_[p];
+    if (std::find(o.begin(), o.end(), capture_pool_) == o.end()) o.push_back(capture_pool_);
+  }
+  if (auto o = owners_.find(p); o != owners_.end()) {
+    held_[p] = sz;
     return;
   }
   free_.emplace(sz, p);
   st_.cached += sz;
 }
 
-void CudaAllocator::begin_private_pool() {
+int CudaAllocator::begin_capture() {
   std::lock_guard<std::mutex> lk(mu_);
-  ++pool_depth_;
+  if (capture_pool_ > 0) throw std::runtime_error("CUDA allocator: a capture is already in progress");
+  capture_pool_ = ++next_pool_;
+  return capture_pool_;
 }
 
-void CudaAllocator::end_private_pool() {
+void CudaAllocator::end_capture() {
   std::lock_guard<std::mutex> lk(mu_);
-  if (pool_depth_ > 0 && --pool_depth_ == 0) {
-    for (auto& [p, sz] : pool_held_) {
-      free_.emplace(sz, p);
-      st_.cached += sz;
+  capture_pool_ = 0;
+}
+
+void CudaAllocator::release_pool(int id) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (capture_pool_ == id) capture_pool_ = 0;
+  for (auto it = owners_.begin(); it != owners_.end();) {
+    std::vector<int>& o = it->second;
+    o.erase(std::remove(o.begin(), o.end(), id), o.end());
+    if (!o.empty()) {
+      ++it;
+      continue;
     }
-    pool_held_.clear();
+    if (auto h = held_.find(it->first); h != held_.end()) {  // freed already: reusable now
+      free_.emplace(h->second, h->first);
+      st_.cached += h->second;
+      held_.erase(h);
+    }
+    it = owners_.erase(it);
   }
 }
 
@@ -315,8 +337,9 @@ DeviceContext& cuda_ctx() { throw std::runtime_error("cuda_ctx: " + cuda_unavail
 void cuda_sync() {}
 void* CudaAllocator::allocate(size_t) { throw std::runtime_error("CUDA allocator: " + cuda_unavailable_reason()); }
 void CudaAllocator::deallocate(void*) {}
-void CudaAllocator::begin_private_pool() {}
-void CudaAllocator::end_private_pool() {}
+int CudaAllocator::begin_capture() { return 0; }
+void CudaAllocator::end_capture() {}
+void CudaAllocator::release_pool(int) {}
 void CudaAllocator::empty_cache() {}
 void CudaAllocator::reset_peak() {}
 GpuMemory gpu_memory() { return {}; }

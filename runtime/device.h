@@ -7,6 +7,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 struct CUstream_st;
 typedef struct CUstream_st* cudaStream_t;
@@ -39,10 +40,14 @@ class CudaAllocator {
   void empty_cache();  // cudaFree every cached block
   AllocatorStats stats() const;
   ~CudaAllocator();
-  // While a private pool is active, freed blocks are kept aside (not reused by anyone) until the pool
-  // ends: a captured CUDA graph keeps its addresses valid across replays.
-  void begin_private_pool();
-  void end_private_pool();
+  // Private pools, one per captured CUDA graph, so that the addresses baked into the graph stay valid
+  // across its replays. Between begin_capture and end_capture every block handed out or freed belongs
+  // to the pool; a freed block of a live pool is kept aside (reused by no one) until release_pool.
+  // Blocks allocated and freed by other code between replays are not the pool's: they are reused as
+  // usual (an eval between training steps does not grow the cache).
+  int begin_capture();  // a new pool, capturing from now on; returns its id
+  void end_capture();
+  void release_pool(int id);  // the graph is gone: its held blocks go back to the free lists
   void reset_peak();
 
  private:
@@ -50,8 +55,9 @@ class CudaAllocator {
   mutable std::mutex mu_;
   std::multimap<size_t, void*> free_;           // size -> block
   std::unordered_map<void*, size_t> live_;      // block -> size
-  std::unordered_map<void*, size_t> pool_held_; // freed while a private pool was active
-  int pool_depth_ = 0;
+  std::unordered_map<void*, std::vector<int>> owners_;  // block -> live pools that captured it
+  std::unordered_map<void*, size_t> held_;  // freed blocks some live pool still owns
+  int capture_pool_ = 0, next_pool_ = 0;
   AllocatorStats st_;
 };
 

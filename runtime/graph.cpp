@@ -27,7 +27,7 @@ struct StepGraph::Impl {
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
 #endif
-  int pools_begun = 0;  // private pools this graph holds open (ended in the destructor)
+  int pool = 0;  // the allocator pool of this graph's capture (released in the destructor)
 };
 
 bool StepGraph::capturing() { return g_capturing > 0; }
@@ -49,7 +49,7 @@ StepGraph::~StepGraph() {
 #ifdef DEEPLORA_HAVE_CUDA
   if (impl_->exec) cudaGraphExecDestroy(impl_->exec);
   if (impl_->graph) cudaGraphDestroy(impl_->graph);
-  for (int i = 0; i < impl_->pools_begun; ++i) cuda_ctx().allocator.end_private_pool();
+  if (impl_->pool) cuda_ctx().allocator.release_pool(impl_->pool);
 #endif
 }
 
@@ -59,6 +59,14 @@ bool StepGraph::captured() const {
 #else
   return false;
 #endif
+}
+
+int64_t StepGraph::nodes() const {
+#ifdef DEEPLORA_HAVE_CUDA
+  size_t n = 0;
+  if (impl_->graph && cudaGraphGetNodes(impl_->graph, nullptr, &n) == cudaSuccess) return int64_t(n);
+#endif
+  return 0;
 }
 
 void StepGraph::run() {
@@ -80,9 +88,16 @@ void StepGraph::run() {
     return;
   }
   // Capture, then launch once (this call's step).
-  ctx.allocator.begin_private_pool();
-  ++impl_->pools_begun;
-  CUDA_CHECK(cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeRelaxed));
+  impl_->pool = ctx.allocator.begin_capture();
+  // A failed capture launched nothing: its blocks go back to the cache at once.
+  auto drop_pool = [&] {
+    ctx.allocator.release_pool(impl_->pool);
+    impl_->pool = 0;
+  };
+  if (cudaError_t e = cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeRelaxed); e != cudaSuccess) {
+    drop_pool();
+    CUDA_CHECK(e);
+  }
   ++g_capturing;
   try {
     fn_();
@@ -93,16 +108,19 @@ void StepGraph::run() {
     if (g) cudaGraphDestroy(g);
     cudaGetLastError();
     tape().clear();
+    drop_pool();
     throw std::runtime_error(
         fmt::format("StepGraph '{}': the step failed while being captured into a CUDA graph: {}. {}", opt_.name,
                     e.what(), kHint));
   }
   --g_capturing;
+  ctx.allocator.end_capture();
   cudaGraph_t g = nullptr;
   cudaError_t err = cudaStreamEndCapture(ctx.stream, &g);
   if (err != cudaSuccess || g == nullptr) {
     if (g) cudaGraphDestroy(g);
     cudaGetLastError();
+    drop_pool();
     throw std::runtime_error(fmt::format("StepGraph '{}': the capture was invalidated ({}). {}", opt_.name,
                                          cudaGetErrorString(err), kHint));
   }

@@ -5,13 +5,12 @@
 // - Warm-up: the first `warmup` calls run eagerly (lazily created state such as gradient buffers
 //   and GEMM plans exists before the capture; the caching allocator has blocks of the right sizes).
 // - Capture: begins a private pool of the caching allocator that lasts as long as this StepGraph:
-//   blocks freed inside the step are never handed to anyone else, so the addresses baked into the
-//   graph stay valid across replays; tensors the step keeps (parameters updated in place, gradient
-//   buffers, persistent outputs) are ordinary live allocations. The capture runs in
+//   blocks handed out or freed inside the capture are never handed to anyone else, so the addresses
+//   baked into the graph stay valid across replays; tensors the step keeps (parameters updated in
+//   place, gradient buffers, persistent outputs) are ordinary live allocations. The capture runs in
 //   cudaStreamCaptureModeRelaxed so that the allocator may still cudaMalloc a new block inside it
-//   (as PyTorch's private pools do): such a block is never freed while the graph lives.
-//   Cost of that pool: blocks freed by *any* code between replays are held too until the graph is
-//   destroyed. Keep allocating code out of the training loop, or capture it as a second StepGraph.
+//   (as PyTorch's private pools do). Code that allocates between replays (an eval) is not the pool's:
+//   its blocks are reused as usual.
 // - What the step may not do: synchronize with the host (Tensor::item, to_double, a device-to-host
 //   copy, cudaStreamSynchronize), use another stream other than a SideStream forked from and joined
 //   back to the context's stream (runtime/device.h), or depend on host values that change between
@@ -48,6 +47,7 @@ class StepGraph {
   bool captured() const;
   int64_t calls() const { return calls_; }
   int64_t replays() const { return replays_; }
+  int64_t nodes() const;  // nodes of the captured graph (kernels, copies, memsets); 0 before capture
   const std::string& name() const { return opt_.name; }
 
   // True while a StepGraph on this thread is capturing: code that must not run inside a capture can

@@ -8,6 +8,17 @@
 
 namespace deeplora::ops {
 
+// While one is alive on this thread, embedding and the losses skip their check for out-of-range ids
+// on CUDA (a count that synchronizes with the host): for callers that validated the ids where they
+// were made (TrainStep checks every micro-batch on the host). The CPU check is kept (it costs no sync).
+class TrustedIds {
+ public:
+  TrustedIds();
+  ~TrustedIds();
+  TrustedIds(const TrustedIds&) = delete;
+  TrustedIds& operator=(const TrustedIds&) = delete;
+};
+
 Tensor add(const Tensor& a, const Tensor& b);   // same shape, dtype, device
 Tensor mul(const Tensor& a, const Tensor& b);   // elementwise
 Tensor scale(const Tensor& a, double s);

@@ -393,6 +393,23 @@ TEST_CASE("StepGraph on CUDA: replays equal eager steps; a host sync inside the 
   CHECK(g.replays() == 5);
   CHECK(rel_err(graphed[0].to_double(), eager[0].to_double()) == 0.0);
   CHECK(rel_err(graphed[1].to_double(), eager[1].to_double()) == 0.0);
+  {  // The graph's pool: what other code allocates between replays (an eval) is reused, not held, and
+     // the graph's own blocks are never handed out while it lives.
+    auto& alloc = cuda_ctx().allocator;
+    auto eval_like = [&] {
+      Tensor a = randn({1 << 18}, 90, Device::cuda, DType::f32), b = ops::scale(a, 2.0);
+      return ops::sum(b).item();
+    };
+    (void)eval_like();
+    const size_t before = alloc.stats().n_device_allocs;
+    for (int i = 0; i < 5; ++i) {
+      (void)eval_like();
+      g.run();
+      step(eager);
+    }
+    CHECK(alloc.stats().n_device_allocs == before);  // the eval's blocks came back from the cache each time
+    CHECK(rel_err(graphed[0].to_double(), eager[0].to_double()) == 0.0);  // and never overwrote the graph's
+  }
   {  // The fused steps (a cooperative launch) captured: replays equal eager launches bit for bit.
     struct State {
       Tensor A, B, At, Bt, loss, work;

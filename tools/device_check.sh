@@ -2,7 +2,8 @@
 # One call on the GPU machine: build (sm_90), run the tests (CPU-vs-CUDA included), compute-sanitizer,
 # reference cross-checks, benchmarks beside their peers; logs under $OUT, a short table last.
 #   bash tools/device_check.sh [build test sanitize fixture tokenizer bench train deepmc deepmc_scale profile_mc
-#                               peers_train peers_mc evalgen genbench pretrain llama study]
+#                               peers_train peers_mc evalgen genbench pretrain llama study shapes]
+# shapes: tools/shape_bench.sh (the training step at SHAPES, ours beside torch_shape_bench.py);
 # evalgen: eval/generate vs transformers (makes tests/data/hf_tiny/evalgen_expected.json when missing);
 # genbench: generate decode tokens/s and eval examples/s vs transformers (GPT-2 124M, bf16, same call);
 # pretrain: the study's small base (tools/pretrain_base.sh small; data/shards/base carried);
@@ -132,6 +133,15 @@ open('$TMP/gpt2.bin','wb').write(h.tobytes()+t.tobytes())"
     [[ $mode == deeplora ]] && result[train_deeplora_init]=$(grep -iE "svd" "$OUT/logs/train_$mode.log" | head -1 | cut -c1-150)
     tail -4 "$OUT/logs/train_$mode.log"
   done
+fi
+
+if has shapes; then
+  # The training step at small and large shapes, ours (graph on / off) beside the torch peer (same run):
+  # tools/shape_bench.sh; SHAPES, METHODS, PEER_MODES, STEPS pass through.
+  log "shape bench: ${SHAPES:-default shapes}"
+  bash tools/shape_bench.sh "$OUT/shapes" > "$OUT/logs/shapes.log" 2>&1
+  result[shapes]="see logs/shapes.log (table at its end)"
+  sed -n '/^shape /,$p' "$OUT/logs/shapes.log"
 fi
 
 if has dist; then

@@ -90,6 +90,9 @@ int main(int argc, char** argv) {
   app.add_option("--device", o.device, "device")->capture_default_str()->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--peak-tflops", o.peak_tflops, "device peak for MFU")->capture_default_str()->check(deeplora::cli::positive(1e9));
   app.add_flag("--quiet", o.quiet, "no per-step log");
+  std::string cuda_graph = "on";
+  app.add_option("--cuda-graph", cuda_graph, "CUDA: capture the whole training step into a CUDA graph and replay it")
+      ->capture_default_str()->check(CLI::IsMember({"on", "off"}));
   app.add_option("--bucket-mb", o.bucket_mb, "data parallel: gradient all-reduce bucket size (MiB)")
       ->capture_default_str()->check(deeplora::cli::positive(1e6));
   auto& a = o.adapter;
@@ -112,6 +115,7 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::Range(1, 10000));
   app.add_option("--adapter-init", o.adapter_init, "load adapters from a saved adapter directory (ours or PEFT)");
   CLI11_PARSE(app, argc, argv);
+  o.cuda_graph = cuda_graph == "on";
   // Every option with its value (defaults too), minus unset strings and lists, which read back as "",
   // and minus the two that say what to do with an existing --out.
   std::string cfg = app.config_to_str(true, true), kept;
@@ -127,8 +131,10 @@ int main(int argc, char** argv) {
   try {
     auto r = deeplora::train(o);
     if (deeplora::dist::ctx().rank == 0)
-      fmt::print("done: {} steps, final loss {:.4f}, {:.1f}K tok/s (median), {:.1f} s\n", r.final_step,
-                 r.losses.empty() ? 0.0 : r.losses.back(), r.tokens_per_second / 1e3, r.seconds);
+      fmt::print("done: {} steps, final loss {:.4f}, {:.1f}K tok/s (median), {:.1f} s, step {:.3f} ms (median){}{}\n",
+                 r.final_step, r.losses.empty() ? 0.0 : r.losses.back(), r.tokens_per_second / 1e3, r.seconds, r.step_ms,
+                 r.gpu_peak_bytes ? fmt::format(", GPU peak {:.2f} GiB", double(r.gpu_peak_bytes) / double(1 << 30)) : "",
+                 r.cuda_graph ? fmt::format(", CUDA graph of {} nodes", r.graph_nodes) : "");
   } catch (const deeplora::Interrupted& e) {
     fmt::print(stderr, "{}\n", e.what());  // where the checkpoint is; 130 for SIGINT, 143 for SIGTERM
     return 128 + e.signal;

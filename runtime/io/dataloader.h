@@ -51,6 +51,7 @@ class DataLoader {
   void seek(int64_t epoch, int64_t position);  // resume exactly where a checkpoint left off
   int64_t n_rows() const;                      // windows or examples in the data
   bool is_examples() const { return is_examples_; }
+  const std::vector<Example>& examples() const { return examples_; }  // empty for token streams
   int64_t B() const { return B_; }
   int64_t T() const { return T_; }
 
