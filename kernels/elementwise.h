@@ -3,6 +3,19 @@
 #pragma once
 #include "kernels/common.h"
 
+namespace deeplora::kernels {
+// Up to kCastGroupMax tensors of one source and one destination dtype, converted in one launch (the
+// pointers travel by value in the launch's parameters, as PyTorch's multi_tensor_apply does, so the
+// launch is capturable without a device-side table). n[i] = 0 skips entry i.
+inline constexpr int kCastGroupMax = 32;
+struct CastGroup {
+  const void* src[kCastGroupMax] = {};
+  void* dst[kCastGroupMax] = {};
+  int64_t n[kCastGroupMax] = {};
+  int count = 0;
+};
+}  // namespace deeplora::kernels
+
 #define DEEPLORA_ELEMENTWISE_DECLS                                                                  \
   /* y[i] = v */                                                                                    \
   void fill(DType dt, void* y, int64_t n, double v, cudaStream_t s);                                \
@@ -12,6 +25,11 @@
   void rand_uniform(DType dt, void* y, int64_t n, uint64_t seed, double lo, double hi, cudaStream_t s); \
   /* y = x converted (round to nearest even into bf16; i32 <-> float by value). */                  \
   void cast(DType src, const void* x, DType dst, void* y, int64_t n, cudaStream_t s);               \
+  /* y += x converted to y's dtype, added in y's precision (a cast's backward: one pass, no temporary; \
+     floats only). */                                                                               \
+  void cast_acc(DType src, const void* x, DType dst, void* y, int64_t n, cudaStream_t s);           \
+  /* dst[i] = (or += with accumulate) src[i] converted, for every entry of g, in one launch. */       \
+  void cast_group(DType src, DType dst, const CastGroup& g, bool accumulate, cudaStream_t s);       \
   /* y = a + b */                                                                                   \
   void add(DType dt, const void* a, const void* b, void* y, int64_t n, cudaStream_t s);             \
   /* y += alpha * x */                                                                              \

@@ -14,6 +14,7 @@
 #include "runtime/dist.h"
 #include "runtime/linalg.h"
 #include "runtime/ops.h"
+#include "runtime/ops_adapter.h"
 #include "runtime/ops_layout.h"
 #include "runtime/tape.h"
 
@@ -35,8 +36,9 @@ uint64_t seed_for(uint64_t seed, int64_t layer, uint64_t purpose) {
   return mix64(seed ^ mix64(uint64_t(layer) * 1024 + purpose));
 }
 
-// Compute-dtype view of a master: a recorded cast when the dtypes differ (as the models' work()).
-Tensor work(const Tensor& p, DType dt) { return p.dtype() == dt ? p : ops::cast(p, dt); }
+// Compute-dtype view of a master: the forward's WorkScope copy, or a recorded cast when the dtypes
+// differ (as the models' work()).
+Tensor work(const Tensor& p, DType dt) { return compute_copy(p, dt); }
 
 Tensor eye(int64_t k, double v, DType dt, Device dev) {
   std::vector<double> e(size_t(k * k), 0.0);
@@ -173,12 +175,13 @@ DeepLoraAdapter::DeepLoraAdapter(const std::string& module, const Tensor& A, con
 
 Tensor DeepLoraAdapter::forward(const Tensor& x, const Tensor& y) {
   const DType dt = x.dtype();
-  // K = K_L...K_1 (k x k) once per forward in the master dtype, through ops so each K_i gets its grad.
-  Tensor K = params_[2].tensor;
-  for (int i = 2; i <= depth_; ++i) K = ops::matmul(params_[size_t(1 + i)].tensor, K);
-  Tensor t = ops::linear(x, work(params_[1].tensor, dt));  // x B      [.., k]
-  Tensor u = ops::linear(t, work(K, dt));                  // t Kᵀ     [.., k]
-  return ops::linear(u, work(params_[0].tensor, dt), Tensor(), y);  // y + u Aᵀ in the GEMM's epilogue
+  // x B Kᵀ Aᵀ with K = K_L...K_1: W = K Bt [k, n] is formed once per forward in the master dtype and
+  // cast to the compute dtype in one fused op (runtime/ops_adapter.h), so the branch costs two
+  // activation GEMMs, as LoRA's: u = x Wᵀ [.., k], then y + u Aᵀ in the GEMM's epilogue.
+  std::vector<Tensor> K;
+  for (int i = 1; i <= depth_; ++i) K.push_back(params_[size_t(1 + i)].tensor);
+  Tensor u = ops::linear(x, ops::deeplora_product(K, params_[1].tensor, dt));
+  return ops::linear(u, work(params_[0].tensor, dt), Tensor(), y);
 }
 
 Tensor DeepLoraAdapter::K_product() const {

@@ -88,6 +88,7 @@ class LoraAdapter : public Adapter {
               uint64_t seed, DType master, Device dev);
   std::string kind() const override { return "lora"; }
   Tensor forward(const Tensor& x, const Tensor& y) override;
+  std::vector<Tensor> cast_inputs() const override { return {params_[0].tensor, params_[1].tensor}; }
   Tensor delta_weight() const override;
   int64_t rank() const { return r_; }
   double alpha() const { return alpha_; }
@@ -110,6 +111,7 @@ class DeepLoraAdapter : public Adapter {
   DeepLoraAdapter(const std::string& module, const Tensor& A, const Tensor& B, int depth, double eps);
   std::string kind() const override { return "deeplora"; }
   Tensor forward(const Tensor& x, const Tensor& y) override;
+  std::vector<Tensor> cast_inputs() const override { return {params_[0].tensor}; }  // A (K, Bt: the product op)
   Tensor delta_weight() const override;
   int64_t width() const { return k_; }
   int depth() const { return depth_; }
@@ -132,6 +134,11 @@ class WideDeepLoraAdapter : public Adapter {
   WideDeepLoraAdapter(const std::string& module, std::vector<Tensor> W);  // takes the tensors
   std::string kind() const override { return "deeplora-wide"; }
   Tensor forward(const Tensor& x, const Tensor& y) override;
+  std::vector<Tensor> cast_inputs() const override {
+    std::vector<Tensor> v;
+    for (const auto& p : params_) v.push_back(p.tensor);
+    return v;
+  }
   Tensor delta_weight() const override;
   int depth() const { return int(params_.size()); }
 };

@@ -3,6 +3,9 @@
 
 #include <fmt/format.h>
 
+#include <map>
+#include <unordered_map>
+
 #include <cctype>
 #include <filesystem>
 #include <fstream>
@@ -84,7 +87,57 @@ Tensor compute_tensor(Param& p, DType compute) {
     }
     return p.frozen_work;
   }
-  return ops::cast(p.master, compute);
+  return compute_copy(p.master, compute);
+}
+
+Tensor compute_copy(const Tensor& master, DType compute) {
+  if (master.dtype() == compute) return master;
+  if (Tensor w = WorkScope::find(master); w.defined() && w.dtype() == compute) return w;
+  return ops::cast(master, compute);
+}
+
+namespace {
+thread_local std::unordered_map<const TensorImpl*, Tensor>* g_work = nullptr;
+constexpr int64_t kGroupMaxElems = int64_t(1) << 20;  // larger tensors: one vectorized cast each
+}  // namespace
+
+struct WorkScope::Impl {
+  std::unordered_map<const TensorImpl*, Tensor> copies;
+};
+
+WorkScope::WorkScope(CausalLM& model, DType compute) {
+  if (g_work) return;  // nested: the outer scope's copies serve
+  std::vector<Tensor> want;
+  for (auto& [name, p] : model.named_params())
+    if (p->trainable && p->master.defined() && p->master.dtype() != compute) want.push_back(p->master);
+  for (Linear* l : model.linears())
+    if (l->adapter)
+      for (const Tensor& t : l->adapter->cast_inputs())
+        if (t.defined() && t.dtype() != compute) want.push_back(t);
+  if (want.empty()) return;
+  impl_ = std::make_unique<Impl>();
+  std::map<DType, std::vector<Tensor>> small;  // by master dtype
+  for (const Tensor& t : want) {
+    if (impl_->copies.count(t.impl())) continue;
+    if (t.numel() > kGroupMaxElems) impl_->copies[t.impl()] = ops::cast(t, compute);
+    else small[t.dtype()].push_back(t);
+    impl_->copies.emplace(t.impl(), Tensor());  // placeholder: each tensor once
+  }
+  for (auto& [dt, xs] : small) {
+    std::vector<Tensor> ys = ops::cast_group(xs, compute);
+    for (size_t i = 0; i < xs.size(); ++i) impl_->copies[xs[i].impl()] = ys[i];
+  }
+  g_work = &impl_->copies;
+}
+
+WorkScope::~WorkScope() {
+  if (impl_ && g_work == &impl_->copies) g_work = nullptr;
+}
+
+Tensor WorkScope::find(const Tensor& master) {
+  if (!g_work || !master.defined()) return Tensor();
+  auto it = g_work->find(master.impl());
+  return it == g_work->end() ? Tensor() : it->second;
 }
 
 Tensor apply_linear(Linear& l, const Tensor& x, const Tensor& residual, DType compute) {

@@ -24,6 +24,8 @@ class LinearAdapter {
   virtual ~LinearAdapter() = default;
   // x: the layer input [.., in] in the compute dtype; y: the base output [.., out]. Returns y'.
   virtual Tensor forward(const Tensor& x, const Tensor& y) = 0;
+  // The master tensors forward() casts to the compute dtype (a WorkScope casts them all at once).
+  virtual std::vector<Tensor> cast_inputs() const { return {}; }
 };
 
 // Keys and values of every layer for incremental decoding: k[l], v[l] are [B, H, T_max, hd] in the
@@ -65,10 +67,33 @@ struct Linear {
 // for a frozen one a compute-dtype copy made once and cached (no cast, no gradient); for a trainable
 // one a recorded cast, so the gradient reaches the master. Undefined for an undefined master.
 Tensor compute_tensor(Param& p, DType compute);
+// A compute-dtype view of a trainable master for code outside the models (the adapters): the active
+// WorkScope's copy when it holds one, else a recorded cast (the master itself when dtypes agree).
+Tensor compute_copy(const Tensor& master, DType compute);
 // y = x Wᵀ + b (+ residual, in the GEMM's addend), then the adapter's branch, in `compute`.
 Tensor apply_linear(Linear& l, const Tensor& x, const Tensor& residual, DType compute);
 
 struct CausalLMFamily;
+class CausalLM;
+
+// The compute-dtype copies of every trainable tensor a forward pass reads (the model's trainable
+// parameters and its adapters' cast_inputs()), made when the pass begins: one grouped cast
+// (ops::cast_group: a launch per 32 tensors, forward and backward) for the small ones, one cast each
+// for tensors above 1M elements (the vectorized kernel), and a tensor read twice (tied embeddings)
+// cast once. While it is alive on this thread, compute_tensor() and compute_copy() take their copy
+// from it. Opened by the models' forward entry points; a nested scope does nothing.
+class WorkScope {
+ public:
+  WorkScope(CausalLM& model, DType compute);
+  ~WorkScope();
+  WorkScope(const WorkScope&) = delete;
+  WorkScope& operator=(const WorkScope&) = delete;
+  static Tensor find(const Tensor& master);  // the active scope's copy, or undefined
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 // A decoder-only language model with HF-named f32 master parameters, run in its compute dtype.
 // Batches are right-padded: attention is causal, so a position never sees the padding after it and

@@ -208,6 +208,7 @@ Tensor Gpt::apply_linear(Linear& l, const Tensor& x, const Tensor& residual) {
 }
 
 Tensor Gpt::forward(const Tensor& tokens) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
   const int64_t V = cfg_.vocab_size, Vp = cfg_.padded_vocab();
   if (Vp == V) return forward_padded(tokens);
   // Drop the padding columns (a last-dim slice on the device). forward() serves tools and tests,
@@ -217,6 +218,7 @@ Tensor Gpt::forward(const Tensor& tokens) {
 }
 
 Tensor Gpt::forward_padded(const Tensor& tokens) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
   Tensor wte = work(wte_);  // used twice (embedding and tied lm_head): one cast per step
   return ops::linear(hidden_with(tokens, wte), head(wte));
 }
@@ -237,7 +239,10 @@ Tensor Gpt::blocks(Tensor x, const std::function<Tensor(size_t, const Tensor&)>&
   return ops::layernorm(x, work(lnf_w_), work(lnf_b_), eps);
 }
 
-Tensor Gpt::hidden(const Tensor& tokens) { return hidden_with(tokens, work(wte_)); }
+Tensor Gpt::hidden(const Tensor& tokens) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
+  return hidden_with(tokens, work(wte_));
+}
 
 Tensor Gpt::hidden_with(const Tensor& tokens, const Tensor& wte) {
   check(tokens.dtype() == DType::i32 && tokens.ndim() == 2, "Gpt::forward",
@@ -249,7 +254,9 @@ Tensor Gpt::hidden_with(const Tensor& tokens, const Tensor& wte) {
   return blocks(x, [H](size_t, const Tensor& qkv) { return ops::attention(qkv, H); });
 }
 
-Tensor Gpt::lm_head(const Tensor& h) { return ops::linear(h, cfg_.tie_word_embeddings ? work(wte_) : work(lm_head_)); }
+Tensor Gpt::lm_head(const Tensor& h) {
+  return ops::linear(h, cfg_.tie_word_embeddings ? work(wte_) : work(lm_head_));
+}
 
 KvCache Gpt::make_cache(int64_t B, int64_t T_max) const {
   check(B > 0 && T_max > 0 && T_max <= cfg_.n_positions, "Gpt::make_cache",
@@ -268,6 +275,7 @@ KvCache Gpt::make_cache(int64_t B, int64_t T_max) const {
 
 Tensor Gpt::hidden_cached(const Tensor& tokens, const Tensor& positions, const Tensor& start, KvCache& cache,
                           bool prefill) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
   check(!grad_enabled(), "Gpt::hidden_cached", "inference only: call it under NoGrad");
   check(tokens.dtype() == DType::i32 && tokens.ndim() == 2 && positions.shape() == tokens.shape(),
         "Gpt::hidden_cached",
@@ -284,6 +292,7 @@ Tensor Gpt::hidden_cached(const Tensor& tokens, const Tensor& positions, const T
 }
 
 Tensor Gpt::loss_at(const Tensor& tokens, const Tensor& rows, const Tensor& targets) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
   check(rows.dtype() == DType::i32 && rows.ndim() == 1 && targets.shape() == rows.shape(), "Gpt::loss_at",
         fmt::format("rows {} and targets {} must be i32 [N] alike", rows.desc(), targets.desc()));
   const int64_t B = tokens.dim(0), T = tokens.dim(1), N = rows.dim(0);
@@ -294,6 +303,7 @@ Tensor Gpt::loss_at(const Tensor& tokens, const Tensor& rows, const Tensor& targ
 }
 
 Tensor Gpt::loss(const Tensor& tokens, const Tensor& targets) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
   return ops::cross_entropy(forward_padded(tokens), targets, -100, cfg_.vocab_size);
 }
 

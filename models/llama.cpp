@@ -356,16 +356,23 @@ Tensor Llama::hidden_with(const Tensor& tokens, const Tensor& embed) {
   });
 }
 
-Tensor Llama::hidden(const Tensor& tokens) { return hidden_with(tokens, work(embed_)); }
+Tensor Llama::hidden(const Tensor& tokens) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
+  return hidden_with(tokens, work(embed_));
+}
 
-Tensor Llama::lm_head(const Tensor& h) { return ops::linear(h, head_weight(work(embed_))); }
+Tensor Llama::lm_head(const Tensor& h) {
+  return ops::linear(h, head_weight(work(embed_)));
+}
 
 Tensor Llama::forward_padded(const Tensor& tokens) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
   Tensor e = work(embed_);
   return ops::linear(hidden_with(tokens, e), head_weight(e));
 }
 
 Tensor Llama::forward(const Tensor& tokens) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
   const int64_t V = cfg_.vocab_size, Vp = cfg_.padded_vocab();
   if (Vp == V) return forward_padded(tokens);
   NoGrad ng;  // as Gpt::forward: tools and tests; training uses the padded form
@@ -373,10 +380,12 @@ Tensor Llama::forward(const Tensor& tokens) {
 }
 
 Tensor Llama::loss(const Tensor& tokens, const Tensor& targets) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
   return ops::cross_entropy(forward_padded(tokens), targets, -100, cfg_.vocab_size);
 }
 
 Tensor Llama::loss_at(const Tensor& tokens, const Tensor& rows, const Tensor& targets) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
   check(rows.dtype() == DType::i32 && rows.ndim() == 1 && targets.shape() == rows.shape(), "Llama::loss_at",
         fmt::format("rows {} and targets {} must be i32 [N] alike", rows.desc(), targets.desc()));
   const int64_t B = tokens.dim(0), T = tokens.dim(1), N = rows.dim(0);
@@ -414,6 +423,7 @@ static Tensor repeat_kv(const Tensor& x, int64_t K, int64_t g) {
 
 Tensor Llama::hidden_cached(const Tensor& tokens, const Tensor& positions, const Tensor& start, KvCache& cache,
                             bool prefill) {
+  WorkScope ws(*this, compute_);  // every trainable cast of this pass in one grouped op
   check(!grad_enabled(), "Llama::hidden_cached", "inference only: call it under NoGrad");
   check(tokens.dtype() == DType::i32 && tokens.ndim() == 2 && positions.shape() == tokens.shape(), "Llama::hidden_cached",
         fmt::format("tokens {} and positions {} must be i32 [B, Tn] alike", tokens.desc(), positions.desc()));

@@ -162,13 +162,69 @@ Tensor cast(const Tensor& x, DType dt) {
       if (dt == x.dtype()) {
         DL_K(d, acc, dt, gy.data(), gx.data(), x.numel(), 1.0, stream_for(d));
       } else {
-        Tensor tmp = Tensor::empty(x.shape(), x.dtype(), d);
-        DL_K(d, cast, dt, gy.data(), x.dtype(), tmp.data(), x.numel(), stream_for(d));
-        DL_K(d, acc, x.dtype(), tmp.data(), gx.data(), x.numel(), 1.0, stream_for(d));
+        DL_K(d, cast_acc, dt, gy.data(), x.dtype(), gx.data(), x.numel(), stream_for(d));
       }
     });
   }
   return y;
+}
+
+std::vector<Tensor> cast_group(const std::vector<Tensor>& xs, DType dt) {
+  std::vector<Tensor> ys;
+  if (xs.empty()) return ys;
+  for (const Tensor& x : xs) {
+    check(x.defined() && x.dtype() == xs[0].dtype() && x.device() == xs[0].device(), "cast_group",
+          fmt::format("every tensor must be defined, {} on {}; got {}", dtype_name(xs[0].dtype()),
+                      device_name(xs[0].device()), x.defined() ? x.desc() : std::string("undefined")));
+    check(is_float(x.dtype()) && is_float(dt), "cast_group", fmt::format("float tensors only, got {} to {}", x.desc(), dtype_name(dt)));
+  }
+  const Device d = xs[0].device();
+  const DType src = xs[0].dtype();
+  if (src == dt) {  // copies whose gradients pass through
+    for (const Tensor& x : xs) ys.push_back(cast(x, dt));
+    return ys;
+  }
+  for (const Tensor& x : xs) ys.push_back(Tensor::empty(x.shape(), dt, d));
+  auto launch = [d](DType from, DType to, const std::vector<const void*>& in, const std::vector<void*>& out,
+                    const std::vector<int64_t>& n, bool accumulate) {
+    for (size_t b = 0; b < in.size(); b += kernels::kCastGroupMax) {
+      kernels::CastGroup g;
+      for (size_t i = b; i < in.size() && g.count < kernels::kCastGroupMax; ++i, ++g.count) {
+        g.src[g.count] = in[i];
+        g.dst[g.count] = out[i];
+        g.n[g.count] = n[i];
+      }
+      DL_K(d, cast_group, from, to, g, accumulate, stream_for(d));
+    }
+  };
+  std::vector<const void*> in;
+  std::vector<void*> out;
+  std::vector<int64_t> n;
+  bool grads = false;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    in.push_back(xs[i].data());
+    out.push_back(ys[i].data());
+    n.push_back(xs[i].numel());
+    grads = needs_grad({&xs[i]}) || grads;
+  }
+  launch(src, dt, in, out, n, false);
+  if (grads) {
+    std::vector<std::shared_ptr<TensorImpl>> yi;
+    for (const Tensor& y : ys) yi.push_back(y.impl_ptr());
+    tape().record(yi, [xs, yi, d, src, dt, launch] {
+      std::vector<const void*> gin;
+      std::vector<void*> gout;
+      std::vector<int64_t> gn;
+      for (size_t i = 0; i < xs.size(); ++i) {
+        if (!yi[i]->grad || !wants(xs[i])) continue;
+        gin.push_back(Tensor(yi[i]->grad).data());
+        gout.push_back(grad_buffer(xs[i]).data());
+        gn.push_back(xs[i].numel());
+      }
+      launch(dt, src, gin, gout, gn, true);
+    });
+  }
+  return ys;
 }
 
 Tensor reshape(const Tensor& x, const Shape& s) {

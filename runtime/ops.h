@@ -2,6 +2,7 @@
 // kernel for the tensors' device, and record one backward closure on the tape when needed.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "runtime/tape.h"
 #include "runtime/tensor.h"
@@ -23,6 +24,9 @@ Tensor add(const Tensor& a, const Tensor& b);   // same shape, dtype, device
 Tensor mul(const Tensor& a, const Tensor& b);   // elementwise
 Tensor scale(const Tensor& a, double s);
 Tensor gelu(const Tensor& x);                   // tanh form (GPT-2)
+// Each x converted to dt, in one launch per kCastGroupMax tensors forward and backward (the gradient
+// of each x accumulated from its output's); all xs of one dtype and device. Outputs in input order.
+std::vector<Tensor> cast_group(const std::vector<Tensor>& xs, DType dt);
 Tensor sum(const Tensor& x);                    // one element, dtype of x
 Tensor mean(const Tensor& x);
 Tensor cast(const Tensor& x, DType dt);

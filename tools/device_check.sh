@@ -139,8 +139,10 @@ if has shapes; then
   # The training step at small and large shapes, ours (graph on / off) beside the torch peer (same run):
   # tools/shape_bench.sh; SHAPES, METHODS, PEER_MODES, STEPS pass through.
   log "shape bench: ${SHAPES:-default shapes}"
-  bash tools/shape_bench.sh "$OUT/shapes" > "$OUT/logs/shapes.log" 2>&1
-  result[shapes]="see logs/shapes.log (table at its end)"
+  rm -rf "$TMP/shapes"
+  bash tools/shape_bench.sh "$TMP/shapes" > "$OUT/logs/shapes.log" 2>&1
+  mkdir -p "$OUT/logs/shapes" && cp "$TMP"/shapes/*.jsonl "$TMP"/shapes/*.log "$TMP"/shapes/*.err "$OUT/logs/shapes/" 2>/dev/null
+  result[shapes]="see logs/shapes.log (table at its end) and logs/shapes/shape_bench.jsonl"
   sed -n '/^shape /,$p' "$OUT/logs/shapes.log"
 fi
 

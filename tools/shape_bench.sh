@@ -14,7 +14,7 @@ OUTDIR=${1:-out/shape_bench}
 mkdir -p "$OUTDIR"
 SHAPES=${SHAPES:-"6:384:6:16:128 12:768:12:8:256"}
 METHODS=${METHODS:-"full lora deeplora"}
-PEER_MODES=${PEER_MODES:-"eager compile graphs"}
+PEER_MODES=${PEER_MODES-"eager compile graphs"}  # empty: ours only
 STEPS=${STEPS:-40}
 GRAPHS=${GRAPHS:-"on off"}
 rows="$OUTDIR/shape_bench.jsonl"
@@ -48,6 +48,7 @@ for shape in $SHAPES; do
     pm=$([[ $m == full ]] && echo full || echo lora)
     [[ " $peer_methods " == *" $pm "* ]] || peer_methods+=" $pm"
   done
+  [[ -z ${PEER_MODES// /} ]] && peer_methods=""  # ours only
   for pm in $peer_methods; do
     modes=""
     for mode in $PEER_MODES; do modes+=" ${pm}_${mode}"; done

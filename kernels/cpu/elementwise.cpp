@@ -61,6 +61,26 @@ void cast(DType src, const void* x, DType dst, void* y, int64_t n, cudaStream_t)
   });
 }
 
+void cast_acc(DType src, const void* x, DType dst, void* y, int64_t n, cudaStream_t) {
+  float_dispatch(src, "cast_acc", [&](auto stag) {
+    using S = typename decltype(stag)::type;
+    float_dispatch(dst, "cast_acc", [&](auto dtag) {
+      using D = typename decltype(dtag)::type;
+      const S* px = static_cast<const S*>(x);
+      D* py = static_cast<D*>(y);
+      for (int64_t i = 0; i < n; ++i) py[i] = st<D>(ld(py[i]) + ld(st<D>(ld(px[i]))));
+    });
+  });
+}
+
+void cast_group(DType src, DType dst, const CastGroup& g, bool accumulate, cudaStream_t s) {
+  for (int i = 0; i < g.count; ++i) {
+    if (g.n[i] <= 0) continue;
+    if (accumulate) cast_acc(src, g.src[i], dst, g.dst[i], g.n[i], s);
+    else cast(src, g.src[i], dst, g.dst[i], g.n[i], s);
+  }
+}
+
 void add(DType dt, const void* a, const void* b, void* y, int64_t n, cudaStream_t) {
   float_dispatch(dt, "add", [&](auto tag) {
     using T = typename decltype(tag)::type;

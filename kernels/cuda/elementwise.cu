@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_utils.cuh"
@@ -165,6 +166,33 @@ template <class D, class S> __device__ __forceinline__ D convert(S v) {
   }
 }
 
+// y += D(x), added in D's accumulator type (one rounding, as cast then acc).
+template <class S, class D>
+__global__ void __launch_bounds__(kThreads) cast_acc_kernel(const S* __restrict__ x, D* __restrict__ y, int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    y[i] = from_acc<D>(to_acc(y[i]) + to_acc(convert<D>(x[i])));
+}
+
+// Every entry of a CastGroup: block b works on chunk b - start[i] of entry i (start: a prefix sum of
+// the entries' chunk counts, at most kCastGroupMax + 1 values searched linearly).
+constexpr int64_t kCastChunk = 4096;
+struct CastGroupLaunch {
+  CastGroup g;
+  int64_t start[kCastGroupMax + 1];
+};
+template <class S, class D>
+__global__ void __launch_bounds__(kThreads) cast_group_kernel(const CastGroupLaunch L, bool accumulate) {
+  int i = 0;
+  while (i + 1 < L.g.count && int64_t(blockIdx.x) >= L.start[i + 1]) ++i;
+  const int64_t base = (int64_t(blockIdx.x) - L.start[i]) * kCastChunk, n = L.g.n[i];
+  const S* x = static_cast<const S*>(L.g.src[i]);
+  D* y = static_cast<D*>(L.g.dst[i]);
+  const int64_t end = base + kCastChunk < n ? base + kCastChunk : n;
+  for (int64_t j = base + threadIdx.x; j < end; j += blockDim.x)
+    y[j] = accumulate ? from_acc<D>(to_acc(y[j]) + to_acc(convert<D>(x[j]))) : convert<D>(x[j]);
+}
+
 template <class S, class D, int N>
 __global__ void __launch_bounds__(kThreads) cast_kernel(const S* __restrict__ x, D* __restrict__ y, int64_t n) {
   const int64_t nvec = n / N;
@@ -323,6 +351,44 @@ void cast(DType src, const void* x, DType dst, void* y, int64_t n, cudaStream_t 
           cast_kernel<S, D, 1><<<grid_for(n, kThreads), kThreads, 0, s>>>(px, py, n);
         CUDA_CHECK_LAUNCH();
       }
+    });
+  });
+}
+
+void cast_acc(DType src, const void* x, DType dst, void* y, int64_t n, cudaStream_t s) {
+  if (n <= 0) return;
+  dispatch_float(src, "cast_acc", [&](auto stag) {
+    using S = decltype(stag);
+    dispatch_float(dst, "cast_acc", [&](auto dtag) {
+      using D = decltype(dtag);
+      cast_acc_kernel<S, D><<<grid_for(n, kThreads), kThreads, 0, s>>>(static_cast<const S*>(x), static_cast<D*>(y), n);
+      CUDA_CHECK_LAUNCH();
+    });
+  });
+}
+
+void cast_group(DType src, DType dst, const CastGroup& g, bool accumulate, cudaStream_t s) {
+  CastGroupLaunch L{};
+  int m = 0;
+  int64_t blocks = 0;
+  for (int i = 0; i < g.count; ++i) {
+    if (g.n[i] <= 0) continue;
+    L.g.src[m] = g.src[i];
+    L.g.dst[m] = g.dst[i];
+    L.g.n[m] = g.n[i];
+    L.start[m++] = blocks;
+    blocks += (g.n[i] + kCastChunk - 1) / kCastChunk;
+  }
+  if (m == 0) return;
+  L.g.count = m;
+  L.start[m] = blocks;
+  if (blocks > int64_t(1) << 31) throw std::invalid_argument("kernels::cuda::cast_group: too many elements in one group");
+  dispatch_float(src, "cast_group", [&](auto stag) {
+    using S = decltype(stag);
+    dispatch_float(dst, "cast_group", [&](auto dtag) {
+      using D = decltype(dtag);
+      cast_group_kernel<S, D><<<unsigned(blocks), kThreads, 0, s>>>(L, accumulate);
+      CUDA_CHECK_LAUNCH();
     });
   });
 }
