@@ -118,10 +118,10 @@ WorkScope::WorkScope(CausalLM& model, DType compute) {
   impl_ = std::make_unique<Impl>();
   std::map<DType, std::vector<Tensor>> small;  // by master dtype
   for (const Tensor& t : want) {
-    if (impl_->copies.count(t.impl())) continue;
-    if (t.numel() > kGroupMaxElems) impl_->copies[t.impl()] = ops::cast(t, compute);
+    auto [it, fresh] = impl_->copies.emplace(t.impl(), Tensor());
+    if (!fresh) continue;  // read twice (tied embeddings): one copy
+    if (t.numel() > kGroupMaxElems) it->second = ops::cast(t, compute);
     else small[t.dtype()].push_back(t);
-    impl_->copies.emplace(t.impl(), Tensor());  // placeholder: each tensor once
   }
   for (auto& [dt, xs] : small) {
     std::vector<Tensor> ys = ops::cast_group(xs, compute);

@@ -13,6 +13,16 @@
 
 namespace deeplora {
 
+LossRows loss_rows(const Batch& b) {
+  LossRows r;
+  for (size_t i = 0; i < b.targets.size(); ++i)
+    if (b.targets[i] != -100) {
+      r.rows.push_back(int32_t(i));
+      r.targets.push_back(b.targets[i]);
+    }
+  return r;
+}
+
 int64_t max_loss_rows(const std::vector<Example>& examples, int64_t B, int64_t T) {
   std::vector<int64_t> n;
   for (const Example& e : examples) {
@@ -106,17 +116,13 @@ void TrainStep::start(const std::vector<Batch>& micro, double lr, const std::vec
     check_batch_ids(b, m, model_.vocab_size());
     tokens_[m].copy_from(Tensor::from_ints(b.inputs, Shape{b.B, b.T}));
     if (o_.loss_rows > 0) {
-      std::vector<int32_t> rows(size_t(o_.loss_rows), 0), tg(size_t(o_.loss_rows), -100);
-      int64_t k = 0;
-      for (size_t i = 0; i < b.targets.size(); ++i)
-        if (b.targets[i] != -100) {
-          check(k < o_.loss_rows, "TrainStep::run",
-                fmt::format("micro-batch {} has more than {} loss positions (loss_rows)", m, o_.loss_rows));
-          rows[size_t(k)] = int32_t(i);
-          tg[size_t(k++)] = b.targets[i];
-        }
-      rows_[m].copy_from(Tensor::from_ints(rows, Shape{o_.loss_rows}));
-      targets_[m].copy_from(Tensor::from_ints(tg, Shape{o_.loss_rows}));
+      LossRows r = loss_rows(b);
+      check(int64_t(r.rows.size()) <= o_.loss_rows, "TrainStep::run",
+            fmt::format("micro-batch {} has more than {} loss positions (loss_rows)", m, o_.loss_rows));
+      r.rows.resize(size_t(o_.loss_rows), 0);  // padding rows: ignored targets
+      r.targets.resize(size_t(o_.loss_rows), -100);
+      rows_[m].copy_from(Tensor::from_ints(r.rows, Shape{o_.loss_rows}));
+      targets_[m].copy_from(Tensor::from_ints(r.targets, Shape{o_.loss_rows}));
     } else {
       targets_[m].copy_from(Tensor::from_ints(b.targets, Shape{b.B, b.T}));
     }

@@ -75,6 +75,13 @@ class TrainStep {
   std::vector<double> w_;
 };
 
+// The loss positions of a batch: the flat indices into [B * T] of its targets that are not -100, and
+// those targets (empty for a batch without loss tokens).
+struct LossRows {
+  std::vector<int32_t> rows, targets;
+};
+LossRows loss_rows(const Batch& b);
+
 // The most loss positions any batch of these examples can hold at B rows of T inputs: the B largest
 // completion lengths (capped at T), summed.
 int64_t max_loss_rows(const std::vector<Example>& examples, int64_t B, int64_t T);

@@ -212,22 +212,6 @@ std::vector<std::vector<int32_t>> load_prompts(const std::string& path, const To
 struct Tensors2 {
   Tensor in, tgt, rows;
 };
-struct LossRows {
-  std::vector<int32_t> rows, targets;
-};
-LossRows loss_rows(const Batch& b) {
-  LossRows r;
-  for (size_t i = 0; i < b.targets.size(); ++i)
-    if (b.targets[i] != -100) {
-      r.rows.push_back(int32_t(i));
-      r.targets.push_back(b.targets[i]);
-    }
-  if (r.rows.empty()) {  // a batch without loss tokens: one ignored row keeps the shapes valid
-    r.rows.push_back(0);
-    r.targets.push_back(-100);
-  }
-  return r;
-}
 Tensors2 to_device(const Batch& b, Device dev, bool sparse) {
   Tensors2 t{Tensor::from_ints(b.inputs, Shape{b.B, b.T}, dev), Tensor(), Tensor()};
   if (!sparse) {
@@ -235,6 +219,10 @@ Tensors2 to_device(const Batch& b, Device dev, bool sparse) {
     return t;
   }
   LossRows r = loss_rows(b);
+  if (r.rows.empty()) {  // a batch without loss tokens: one ignored row keeps the shapes valid
+    r.rows.push_back(0);
+    r.targets.push_back(-100);
+  }
   const int64_t n = int64_t(r.rows.size());
   t.rows = Tensor::from_ints(r.rows, Shape{n}, dev);
   t.tgt = Tensor::from_ints(r.targets, Shape{n}, dev);
