@@ -13,6 +13,7 @@
 #include "kernels/dispatch.h"
 #include "kernels/matmul.h"
 #include "kernels/rng.h"
+#include "kernels/lowrank_dense.h"
 #include "kernels/sparse.h"
 #include "runtime/linalg.h"
 #include "runtime/ops.h"
@@ -114,6 +115,53 @@ Target finish_target(int64_t d, int64_t rank, const std::vector<double>& U, cons
 }  // namespace
 
 uint64_t seed_of(uint64_t seed, uint64_t k) { return rng::bits(seed, k); }
+
+const char* impl_name(Impl i) {
+  switch (i) {
+    case Impl::automatic: return "auto";
+    case Impl::fused: return "fused";
+    case Impl::dense: return "dense";
+    case Impl::tape: return "tape";
+  }
+  return "?";
+}
+
+// ---- the cost model ------------------------------------------------------------------------------------
+// Constants fitted to the H200 grid in NOTES.md ("Deep MC at every shape", f64, graphs on):
+// - fused: a fixed part per iteration (grid barrier, the K update every block repeats) plus a cost
+//   per observed entry that grows with the register bound KK = lowrank_kk(k) the kernel runs at;
+// - dense: per launch (4 per row block + 6) plus, per d² entry, the passes over the residual block
+//   (GEMM write, mask read + write, two GEMM reads) and the tensor-core multiply-adds (3k + r).
+// f32 halves the bytes of the dense passes and is charged 0.7 of the fused per-entry cost
+// (not fitted: the grid is f64). On the CPU the sampled reference is always cheaper than d² work
+// when it exists, so auto picks it there.
+namespace {
+struct CostConsts {
+  double fused_fixed_us = 3.0, fused_entry_us = 4.5e-5, fused_kk_exp = 1.55;  // per entry at KK = 10
+  double dense_launch_us = 2.0, dense_elem_us = 5.0e-6, dense_flop_per_us = 4.0e7;
+};
+constexpr CostConsts kCost{};
+}  // namespace
+
+StepCost step_cost(Device dev, DType dt, int64_t d, int64_t nnz, int64_t k, int64_t r, int64_t L, int64_t block_rows) {
+  StepCost c;
+  c.fused_ok = kernels::lowrank_step_supported(dt, k, L);
+  c.dense_ok = (dt == DType::f64 || dt == DType::f32) && L >= 1 && L <= kernels::kKChainMaxL;
+  const double f32 = dt == DType::f32 ? 0.5 : 1.0;
+  const double kk = double(kernels::lowrank_kk(std::min<int64_t>(k, 32)));
+  c.fused_us = kCost.fused_fixed_us + double(nnz) * kCost.fused_entry_us * (dt == DType::f32 ? 0.7 : 1.0) *
+                                          std::pow(kk / 10.0, kCost.fused_kk_exp);
+  const int64_t es = int64_t(dtype_size(dt));
+  const int64_t br = block_rows > 0 ? std::min(block_rows, d) : LowrankDenseStep::auto_block_rows(d, d, es);
+  const double blocks = std::ceil(double(d) / double(std::max<int64_t>(1, br)));
+  const double d2 = double(d) * double(d);
+  c.dense_us = kCost.dense_launch_us * (4.0 * blocks + 6.0) + d2 * kCost.dense_elem_us * f32 +
+               2.0 * d2 * double(3 * k + r) / kCost.dense_flop_per_us;
+  if (dev == Device::cpu) c.pick = c.fused_ok ? Impl::fused : c.dense_ok ? Impl::dense : Impl::tape;
+  else if (c.fused_ok && c.dense_ok) c.pick = c.fused_us <= c.dense_us ? Impl::fused : Impl::dense;
+  else c.pick = c.fused_ok ? Impl::fused : c.dense_ok ? Impl::dense : Impl::tape;
+  return c;
+}
 
 // ---- target ---------------------------------------------------------------------------------------
 
@@ -307,7 +355,7 @@ Original::Original(const Target& t, const Config& c, Device dev) : dev_(dev) {
   n_unobs_ = double(d) * double(d) - double(t.omega.nnz);
   train_out_ = Tensor::zeros(Shape{}, dt, dev);
   rec_out_ = Tensor::zeros(Shape{}, dt, dev);
-  fused_ = c.impl == Impl::fused;
+  fused_ = c.impl != Impl::tape;
   if (fused_) {
     for (int64_t l = 0; l < c.L; ++l) Wn_.push_back(Tensor::zeros(Shape{d, d}, dt, dev));
     for (int64_t l = 1; l < c.L; ++l) P_.push_back(Tensor::zeros(Shape{d, d}, dt, dev));
@@ -427,7 +475,34 @@ Compressed::Compressed(const Target& t, const Config& c, Device dev) : dev_(dev)
     kl.set_name(fmt::format("K{}", l)).set_requires_grad(true);
     K.push_back(kl);
   }
-  fused_ = c.impl == Impl::fused && kernels::lowrank_step_supported(dt_, k_, c.L);
+  cost_ = step_cost(dev, dt_, d_, omega_.nnz, k_, t.U.dim(1), c.L, c.block_rows);
+  switch (c.impl) {
+    case Impl::automatic: impl_ = cost_.pick; break;
+    case Impl::fused:
+      if (!cost_.fused_ok)
+        throw std::invalid_argument(fmt::format(
+            "--impl fused: the fused kernel does not support k = 2r = {}, L = {} in {} (k <= 32, L <= 16, f32/f64); "
+            "use --impl dense or auto", k_, c.L, dtype_name(dt_)));
+      impl_ = Impl::fused;
+      break;
+    case Impl::dense:
+      if (!cost_.dense_ok)
+        throw std::invalid_argument(
+            fmt::format("--impl dense: the dense step supports L <= {} in f32/f64 (got L = {}, {})",
+                        kernels::kKChainMaxL, c.L, dtype_name(dt_)));
+      impl_ = Impl::dense;
+      break;
+    case Impl::tape: impl_ = Impl::tape; break;
+  }
+  fused_ = impl_ == Impl::fused;
+  if (impl_ == Impl::dense) {
+    dense_ = std::make_unique<LowrankDenseStep>(omega_, U_, V_, A, B, K, alpha_, c.block_rows);
+    for (int b = 50; b >= 1; --b)
+      if (c.log_every % b == 0) {
+        block_ = b;
+        break;
+      }
+  }
   if (fused_) {
     A2_ = Tensor::zeros(A.shape(), dt_, dev);
     B2_ = Tensor::zeros(B.shape(), dt_, dev);
@@ -525,8 +600,13 @@ void Compressed::fused_steps(int64_t n) {
   lowrank_step(omega_, m_csr_, m_csc_, A, B, A2_, B2_, K, alpha_, lr_, gamma_ * lr_, loss_out_, work_, n);
 }
 
+void Compressed::dense_steps(int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dense_->step(lr_, gamma_ * lr_);
+}
+
 void Compressed::step() {
   if (fused_) return fused_steps(1);
+  if (dense_) return dense_steps(1);
   Tensor pred = ops::sampled_dot(ops::matmul(A, kprod()), B, omega_);
   backward(ops::sq_error(pred, m_csr_, alpha_));
   std::vector<Tensor> params{A, B};
@@ -539,8 +619,9 @@ void Compressed::step() {
 }
 
 void Compressed::step_block() {
-  if (!fused_) return step();
-  fused_steps(block_);
+  if (fused_) return fused_steps(block_);
+  if (dense_) return dense_steps(block_);
+  step();
 }
 
 void Compressed::evaluate_async() {
@@ -572,9 +653,17 @@ Tensor Compressed::dense_W() const {
 int64_t Compressed::n_params() const { return A.numel() + B.numel() + int64_t(K.size()) * k_ * k_; }
 
 std::string Compressed::describe() const {
-  return fmt::format("compressed (k = {}, init {}{}, step {}, recovery {})", k_, used_exact_init ? "exact" : "implicit",
+  return fmt::format("compressed (k = {}, init {}{}, step {}{}, recovery {})", k_, used_exact_init ? "exact" : "implicit",
                      n_completed ? fmt::format(", {} basis columns completed at random", n_completed) : "",
-                     fused_ ? fmt::format("fused kernel, {} iterations a launch", block_) : "op by op on the tape",
+                     fused_   ? fmt::format("fused kernel, {} iterations a launch", block_)
+                     : dense_ ? fmt::format("dense GEMMs, {} row block(s) of {}, {} iterations a call", dense_->n_blocks(),
+                                            dense_->block_rows(), block_)
+                              : std::string("op by op on the tape"),
+                     cost_.fused_ok || cost_.dense_ok
+                         ? fmt::format(" [cost model: fused {}, dense {}]",
+                                       cost_.fused_ok ? fmt::format("{:.1f} us", cost_.fused_us) : "n/a",
+                                       cost_.dense_ok ? fmt::format("{:.1f} us", cost_.dense_us) : "n/a")
+                         : std::string(),
                      eval_sampled_ ? fmt::format("estimated on {} unobserved entries", sample_.nnz) : "exact");
 }
 

@@ -13,13 +13,17 @@
 #include <vector>
 
 #include "runtime/device.h"
+#include "runtime/lowrank_dense.h"
 #include "runtime/ops_sparse.h"
 #include "runtime/tensor.h"
 
 namespace deeplora::deep_mc {
 
 enum class Method { original, compressed, both };
-enum class Impl { fused, tape };  // a hand-derived fused step, or op by op through the tape
+// The compressed step: automatic (the cost model below picks fused or dense), the sampled persistent
+// kernel (fused), the dense-GEMM step (runtime/lowrank_dense.h), or op by op through the tape. The
+// original model runs its fused step for every choice but tape.
+enum class Impl { automatic, fused, dense, tape };
 enum class InitMode { automatic, exact, implicit };
 
 struct Config {
@@ -42,7 +46,8 @@ struct Config {
   std::string csv;     // trajectory CSV (method, iter, train_loss, recovery, elapsed_s)
   std::string target;  // target file (format: see load_target); empty: generated from the seed
   std::string save_target;  // write the target used to this file
-  Impl impl = Impl::fused;
+  Impl impl = Impl::automatic;
+  int64_t block_rows = 0;  // dense step: rows of the residual formed at once (0: automatic, ~16 MiB)
   InitMode init = InitMode::automatic;  // automatic: exact for d <= 4096, implicit above
   int64_t eval_sample = -1;  // recovery error: -1 automatic (exact for d <= 20000, else 10^6 samples), 0 exact, N samples
   int64_t svd_iters = 8;     // power iterations of the randomized sparse SVD (implicit init)
@@ -100,6 +105,20 @@ void save_target(const Target& t, const std::string& path);
 
 uint64_t seed_of(uint64_t seed, uint64_t k);
 
+// ---- the cost model of the compressed step ---------------------------------------------------------
+
+// Estimated microseconds per iteration of the compressed step on the H200 (f64; f32 scaled), from the
+// measured grid in NOTES.md ("Deep MC at every shape"): the sampled kernel costs per observed entry
+// and width, the dense step per d² entry and width plus its launches. `fused_ok`: the fused kernel
+// supports (dtype, k, L) (kernels::lowrank_step_supported).
+struct StepCost {
+  double fused_us = 0, dense_us = 0;
+  bool fused_ok = false, dense_ok = false;
+  Impl pick = Impl::tape;  // the cheaper supported one (tape when neither is)
+};
+StepCost step_cost(Device dev, DType dt, int64_t d, int64_t nnz, int64_t k, int64_t r, int64_t L, int64_t block_rows);
+const char* impl_name(Impl i);
+
 // ---- the models ------------------------------------------------------------------------------------
 
 struct Metrics {
@@ -129,7 +148,7 @@ class Model {
   virtual std::string describe() const { return name(); }
 };
 
-// Fused step (Impl::fused, the default; Impl::tape runs forward, tape backward and sgd_step): with
+// Fused step (every Impl but tape, which runs forward, tape backward and sgd_step): with
 // prefixes P_l = W_l⋯W_1 and H_L = G = ∂f/∂W (nonzero only at Ω, written there in place),
 // H_{l-1} = W_lᵀH_l, every update is one GEMM with the old weight as addend and the next iterate as
 // output, W'_l = W_l − η·H_l·P_{l-1}ᵀ (W'_1 = W_1 − η·W_2ᵀH_2): no gradient buffers, no zero fills,
@@ -172,8 +191,9 @@ class Compressed : public Model {
   Compressed(const Target& t, const Config& c, Device dev);
   std::string name() const override { return "compressed"; }
   void step() override;
-  // Fused: one launch runs block_steps() iterations (a divisor of the log interval, at most 250).
-  int block_steps() const override { return fused_ ? block_ : 1; }
+  // Fused: one launch runs block_steps() iterations (a divisor of the log interval, at most 250);
+  // dense: block_steps() iterations per call (a divisor of the log interval, at most 50).
+  int block_steps() const override { return fused_ || dense_ ? block_ : 1; }
   void step_block() override;
   void evaluate_async() override;
   Metrics read_metrics() const override;
@@ -185,6 +205,8 @@ class Compressed : public Model {
   std::vector<Tensor> K;  // K_1 .. K_L, [2r, 2r]
   // From the initialization: the top-r singular vectors of the gradient at t = 0.
   Tensor Ur, Vr;
+  Impl impl() const { return impl_; }
+  const StepCost& cost() const { return cost_; }
   bool used_exact_init = false;
   int64_t n_completed = 0;  // basis columns completed at random (rank-deficient [V_r, OᵀU_r])
 
@@ -192,6 +214,7 @@ class Compressed : public Model {
   void init_exact(const Target& t, const Config& c);
   void init_implicit(const Target& t, const Config& c);
   void fused_steps(int64_t n);
+  void dense_steps(int64_t n);
   Tensor kprod() const;  // K_L ⋯ K_1
 
   Device dev_;
@@ -199,7 +222,10 @@ class Compressed : public Model {
   int64_t d_ = 0, k_ = 0;
   double alpha_ = 0, lr_ = 0, gamma_ = 0;
   bool fused_ = false;
+  Impl impl_ = Impl::tape;  // what runs: fused, dense or tape
+  StepCost cost_;
   int block_ = 1;
+  std::unique_ptr<LowrankDenseStep> dense_;
   SparsePattern omega_;
   Tensor m_csr_, m_csc_, U_, V_;
   Tensor A2_, B2_, work_, loss_out_;  // fused: scratch of A and B, workspace, loss of the last step
@@ -216,7 +242,7 @@ Tensor orthogonal_init(int64_t d, int64_t l, uint64_t seed, DType dt, Device dev
 // ---- the tool ----------------------------------------------------------------------------------------
 
 struct RunResult {
-  std::string method;
+  std::string method, impl;
   int64_t iters = 0;
   double train_loss = 0, recovery = 0, seconds = 0, init_seconds = 0;
   bool recovery_estimated = false, reached_tol = false;

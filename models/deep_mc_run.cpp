@@ -80,7 +80,10 @@ std::string usage() {
   --graph on|off   capture the step as a CUDA graph (on)
   --log-every N    log interval (1000)                --csv PATH   trajectory CSV
   --target FILE    load M and the mask (format: models/deep_mc.h)   --save-target FILE
-  --impl fused|tape   step: hand-fused, or op by op on the tape (fused)   --init auto|exact|implicit   compressed init (auto)
+  --impl auto|fused|dense|tape   compressed step: the cost model's pick, the sampled fused kernel, dense GEMMs
+                   over row blocks, or op by op on the tape (auto; the original runs fused unless tape)
+  --block-rows N   dense step: residual rows formed at once (0: automatic, ~16 MiB)
+  --init auto|exact|implicit   compressed init (auto)
   --eval-sample N  recovery error on N sampled unobserved entries (0 exact; default exact up to d = 20000)
   --svd-iters N    power iterations of the sparse randomized SVD (8)   --quiet
 exit status: 0 ok, 2 bad input, 3 diverged (a non-finite loss, or one 1e6x above its minimum), 1 other errors)";
@@ -128,10 +131,13 @@ Config parse_args(const std::vector<std::string>& args) {
   set["target"] = [&](const std::string& v) { c.target = v; };
   set["save-target"] = [&](const std::string& v) { c.save_target = v; };
   set["impl"] = [&](const std::string& v) {
-    if (v == "fused") c.impl = Impl::fused;
+    if (v == "auto") c.impl = Impl::automatic;
+    else if (v == "fused") c.impl = Impl::fused;
+    else if (v == "dense") c.impl = Impl::dense;
     else if (v == "tape") c.impl = Impl::tape;
-    else bad(fmt::format("--impl: '{}' must be fused or tape", v));
+    else bad(fmt::format("--impl: '{}' must be auto, fused, dense or tape", v));
   };
+  set["block-rows"] = [&](const std::string& v) { c.block_rows = parse_int("block-rows", v); };
   set["init"] = [&](const std::string& v) {
     if (v == "auto") c.init = InitMode::automatic;
     else if (v == "exact") c.init = InitMode::exact;
@@ -185,6 +191,7 @@ void validate(const Config& c) {
   if (!(std::isfinite(c.tol) && c.tol >= 0)) bad(fmt::format("--tol {} must be finite and >= 0", c.tol));
   if (c.log_every < 1) bad(fmt::format("--log-every {} must be >= 1", c.log_every));
   if (c.log_every > kMaxCount) bad(fmt::format("--log-every {} must be at most 2^40", c.log_every));
+  if (c.block_rows < 0) bad(fmt::format("--block-rows {} must be >= 0 (0: automatic)", c.block_rows));
   if (c.svd_iters < 0 || c.svd_iters > 1000) bad(fmt::format("--svd-iters {} must be in [0, 1000]", c.svd_iters));
   if (c.target.empty() && c.method != Method::compressed && c.d > 20000)
     bad(fmt::format("--d {} is too large for the original model (L dense d x d factors); use --method compressed", c.d));
@@ -257,6 +264,8 @@ std::vector<RunResult> run(const Config& c0, std::FILE* out) {
     sync(dev);
     res.init_seconds = now_s() - t_init;
     res.method = model->name();
+    if (auto* cm = dynamic_cast<Compressed*>(model.get())) res.impl = impl_name(cm->impl());
+    else res.impl = c.impl == Impl::tape ? "tape" : "fused";
     res.n_params = model->n_params();
     say(fmt::format("[{}] {}; {} parameters; init {:.2f} s\n", res.method, model->describe(), res.n_params,
                     res.init_seconds));
@@ -325,9 +334,9 @@ std::vector<RunResult> run(const Config& c0, std::FILE* out) {
                               json_num(c.gamma), c.seed, dtype_name(c.dtype), device_name(dev), c.graph ? "true" : "false");
   for (size_t i = 0; i < results.size(); ++i) {
     const RunResult& r = results[i];
-    j += fmt::format("{}{{\"method\":\"{}\",\"iters\":{},\"train_loss\":{},\"recovery\":{},\"recovery_estimated\":{},"
+    j += fmt::format("{}{{\"method\":\"{}\",\"impl\":\"{}\",\"iters\":{},\"train_loss\":{},\"recovery\":{},\"recovery_estimated\":{},"
                      "\"seconds\":{},\"us_per_iter\":{},\"init_seconds\":{},\"params\":{},\"reached_tol\":{}}}",
-                     i ? "," : "", r.method, r.iters, json_num(r.train_loss), json_num(r.recovery),
+                     i ? "," : "", r.method, r.impl, r.iters, json_num(r.train_loss), json_num(r.recovery),
                      r.recovery_estimated ? "true" : "false", json_num(r.seconds),
                      json_num(r.iters ? 1e6 * r.seconds / double(r.iters) : 0.0), json_num(r.init_seconds), r.n_params,
                      r.reached_tol ? "true" : "false");

@@ -215,6 +215,83 @@ TEST_CASE("deep_mc: fused and op-by-op compressed steps give the same trajectory
   CHECK(g.block_steps() == 1);
 }
 
+TEST_CASE("deep_mc: the dense-GEMM compressed step follows the tape (row blocks, depths, widths past the fused kernel)") {
+  struct Case {
+    int64_t d, r, L, block_rows;
+  };
+  // One block; ragged blocks (60 = 8·7 + 4); one row per block; L = 2 and 4; k = 2r = 34 > 32, where
+  // the fused kernel does not exist.
+  for (Case cs : {Case{60, 3, 3, 0}, Case{60, 3, 3, 7}, Case{60, 3, 2, 1}, Case{60, 3, 4, 13}, Case{80, 17, 3, 0}}) {
+    CAPTURE(cs.d);
+    CAPTURE(cs.r);
+    CAPTURE(cs.L);
+    CAPTURE(cs.block_rows);
+    Config c = small_config();
+    c.d = cs.d;
+    c.r = cs.r;
+    c.L = cs.L;
+    c.block_rows = cs.block_rows;
+    c.log_every = 10;
+    c.impl = Impl::dense;
+    Target t = small_target(c);
+    Config ct = c;
+    ct.impl = Impl::tape;
+    Compressed f(t, c, Device::cpu), g(t, ct, Device::cpu);
+    REQUIRE(f.impl() == Impl::dense);
+    REQUIRE(f.block_steps() == 10);
+    f.step_block();  // 10 iterations in one call
+    for (int i = 0; i < 3; ++i) f.step();
+    for (int i = 0; i < 13; ++i) g.step();
+    std::vector<double> wf = f.dense_W().to_double(), wg = g.dense_W().to_double();
+    CHECK(fro_diff(wf, wg) / fro(wg) <= 1e-12);
+    for (size_t l = 0; l < f.K.size(); ++l) {
+      std::vector<double> a = f.K[l].to_double(), b = g.K[l].to_double();
+      CHECK(fro_diff(a, b) / fro(b) <= 1e-12);
+    }
+    CHECK(f.evaluate().train_loss == doctest::Approx(g.evaluate().train_loss).epsilon(1e-10));
+    if (cs.r <= 16) {  // and the fused kernel agrees with both
+      Config cf = c;
+      cf.impl = Impl::fused;
+      Compressed h(t, cf, Device::cpu);
+      for (int i = 0; i < 13; ++i) h.step();
+      std::vector<double> wh = h.dense_W().to_double();
+      CHECK(fro_diff(wh, wg) / fro(wg) <= 1e-12);
+    } else {
+      Config cf = c;
+      cf.impl = Impl::fused;
+      CHECK_THROWS_AS(Compressed(t, cf, Device::cpu), std::invalid_argument);
+      Config ca = c;
+      ca.impl = Impl::automatic;
+      CHECK(Compressed(t, ca, Device::cpu).impl() == Impl::dense);
+    }
+  }
+}
+
+TEST_CASE("deep_mc: the cost model picks the dense step for dense observation, the fused kernel for sparse") {
+  // The issue's two data points on the H200: d = 1000, r = 5, p = 0.2 (fused, 9 us) and d = 2000,
+  // r = 10, p = 0.3 (330 us: k = 20 is past the fused kernel's shared memory, so that was the tape).
+  StepCost a = step_cost(Device::cuda, DType::f64, 1000, 200000, 10, 5, 3, 0);
+  CHECK(a.fused_ok);
+  CHECK(a.pick == Impl::fused);
+  StepCost b = step_cost(Device::cuda, DType::f64, 2000, 1200000, 20, 10, 3, 0);
+  CHECK_FALSE(b.fused_ok);
+  CHECK(b.pick == Impl::dense);
+  // Dense observation at k = 10: GEMMs win.
+  StepCost b2 = step_cost(Device::cuda, DType::f64, 2000, 2000000, 10, 5, 3, 0);
+  CHECK(b2.fused_ok);
+  CHECK(b2.pick == Impl::dense);
+  // Sparse observation at large d: d² work loses.
+  CHECK(step_cost(Device::cuda, DType::f64, 100000, 20000000, 10, 5, 3, 0).pick == Impl::fused);
+  // k = 40 has no fused kernel; L = 20 has neither; the CPU takes the sampled reference when it exists.
+  StepCost c = step_cost(Device::cuda, DType::f64, 1000, 200000, 40, 20, 3, 0);
+  CHECK_FALSE(c.fused_ok);
+  CHECK(c.pick == Impl::dense);
+  CHECK(step_cost(Device::cuda, DType::f64, 1000, 200000, 10, 5, 20, 0).pick == Impl::tape);
+  CHECK(step_cost(Device::cpu, DType::f64, 2000, 2000000, 10, 5, 3, 0).pick == Impl::fused);
+  // More row blocks cost more launches.
+  CHECK(step_cost(Device::cuda, DType::f64, 2000, 1200000, 20, 10, 3, 100).dense_us > b.dense_us);
+}
+
 TEST_CASE("deep_mc: fused and op-by-op original steps give the same trajectory (L = 2, 3, 4)") {
   for (int64_t L : {2, 3, 4}) {
     CAPTURE(L);
@@ -238,7 +315,7 @@ TEST_CASE("deep_mc: fused and op-by-op original steps give the same trajectory (
   }
 }
 
-TEST_CASE("deep_mc on CUDA: fused steps captured in a graph follow the op-by-op tape steps") {
+TEST_CASE("deep_mc on CUDA: fused and dense steps captured in a graph follow the op-by-op tape steps") {
   if (!cuda_available()) {
     MESSAGE("skipped the CUDA deep_mc checks: " << cuda_unavailable_reason());
     return;
@@ -249,16 +326,19 @@ TEST_CASE("deep_mc on CUDA: fused steps captured in a graph follow the op-by-op 
   Target t = make_target(c.d, c.r, c.p, c.obs_per_row, c.seed, c.dtype, Device::cuda);
   Config ct = c;
   ct.impl = Impl::tape;
-  for (Method m : {Method::original, Method::compressed}) {
+  Config cd = c;  // the dense step, in three ragged row blocks
+  cd.impl = Impl::dense;
+  cd.block_rows = 25;
+  for (int m = 0; m < 3; ++m) {
     std::unique_ptr<Model> f, g;
-    if (m == Method::original) {
+    if (m == 0) {
       f = std::make_unique<Original>(t, c, Device::cuda);
       g = std::make_unique<Original>(t, ct, Device::cuda);
     } else {
-      f = std::make_unique<Compressed>(t, c, Device::cuda);
+      f = std::make_unique<Compressed>(t, m == 1 ? c : cd, Device::cuda);
       g = std::make_unique<Compressed>(t, ct, Device::cuda);
     }
-    CAPTURE(f->name());
+    CAPTURE(f->describe());
     StepGraph graph([&] { f->step_block(); }, Device::cuda, StepGraph::Options{true, 1, "test " + f->name()});
     int64_t n = 0;
     for (int i = 0; i < 3; ++i, n += f->block_steps()) graph.run();
@@ -360,6 +440,10 @@ TEST_CASE("deep_mc: argument validation (the tool's bad-input exits)") {
   CHECK(msg({"--iters"}) == "--iters needs a value");
   CHECK(msg({"stray"}) == "unexpected argument 'stray' (flags start with --; see --help)");
   CHECK(msg({"--log-every", "0"}) == "--log-every 0 must be >= 1");
+  CHECK(msg({"--impl", "sparse"}) == "--impl: 'sparse' must be auto, fused, dense or tape");
+  CHECK(msg({"--block-rows", "-1"}) == "--block-rows -1 must be >= 0 (0: automatic)");
+  CHECK(parse_args({}).impl == Impl::automatic);
+  CHECK(parse_args({"--impl", "dense", "--block-rows", "64"}).block_rows == 64);
   Config ok = parse_args({"--d", "60", "--r", "3", "--p=0.3", "--L", "3", "--lr", "150", "--method", "compressed",
                           "--dtype", "f32", "--device", "cpu", "--graph", "off", "--log-every", "10", "--impl", "tape"});
   CHECK(ok.d == 60);

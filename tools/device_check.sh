@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build (sm_90), run the tests (CPU-vs-CUDA included), compute-sanitizer,
 # reference cross-checks, benchmarks beside their peers; logs under $OUT, a short table last.
-#   bash tools/device_check.sh [build test sanitize fixture tokenizer bench train deepmc deepmc_scale profile_mc
+#   bash tools/device_check.sh [build test sanitize fixture tokenizer bench train deepmc deepmc_grid deepmc_scale profile_mc
 #                               peers_train peers_mc evalgen genbench pretrain llama study shapes]
 # shapes: tools/shape_bench.sh (the training step at SHAPES, ours beside torch_shape_bench.py);
 # evalgen: eval/generate vs transformers (makes tests/data/hf_tiny/evalgen_expected.json when missing);
@@ -211,6 +211,14 @@ if has profile_mc; then
   ncu -i "$OUT/lowrank.ncu-rep" --page source --csv --print-source sass > "$OUT/logs/ncu_sass.csv" 2>&1
   ncu -i "$OUT/lowrank.ncu-rep" --page source --csv --print-source cuda > "$OUT/logs/ncu_cuda.csv" 2>&1
   result[profile_mc]=$(grep -E "^ +Duration" "$OUT/logs/ncu_details.txt" | head -1 | tr -s ' ')
+fi
+
+if has deepmc_grid; then
+  log "deep matrix completion at every shape, ours beside the JAX peer on the same target (tools/deep_mc_grid.sh)"
+  bash tools/deep_mc_grid.sh "$OUT/logs/deep_mc_grid" > "$OUT/logs/deep_mc_grid.md" 2> "$OUT/logs/deep_mc_grid.err"
+  cp "$OUT/logs/deep_mc_grid/grid.jsonl" "$OUT/deep_mc_grid.jsonl" 2>/dev/null
+  cat "$OUT/logs/deep_mc_grid.md"
+  result[deepmc_grid]="$(grep -c '^| [0-9]' "$OUT/logs/deep_mc_grid.md") rows (logs/deep_mc_grid.md)"
 fi
 
 if has peers_mc; then

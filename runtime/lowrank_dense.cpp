@@ -1,0 +1,138 @@
+// The dense-GEMM compressed step (runtime/lowrank_dense.h): cuBLASLt GEMMs (kernels/matmul.h) for every
+// product with rows or cols in it, the mask pass and the K update of kernels/lowrank_dense.h.
+#include "runtime/lowrank_dense.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "kernels/dispatch.h"
+#include "kernels/llama.h"
+#include "kernels/lowrank_dense.h"
+#include "kernels/matmul.h"
+#include "kernels/sparse.h"
+#include "runtime/ops.h"
+
+namespace deeplora {
+namespace {
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("LowrankDenseStep: " + what); }
+
+}  // namespace
+
+int64_t LowrankDenseStep::auto_block_rows(int64_t rows, int64_t cols, int64_t elem_size, int64_t bytes) {
+  return std::clamp<int64_t>(bytes / std::max<int64_t>(1, cols * elem_size), 1, std::max<int64_t>(1, rows));
+}
+
+LowrankDenseStep::LowrankDenseStep(const SparsePattern& pat, const Tensor& U, const Tensor& V, const Tensor& A,
+                                   const Tensor& B, const std::vector<Tensor>& K, double alpha, int64_t block_rows)
+    : dev_(A.device()), dt_(A.dtype()), alpha_(alpha), A_(A), B_(B), K_(K) {
+  if (dt_ != DType::f64 && dt_ != DType::f32) bad(fmt::format("A is {}: f32 or f64 only", dtype_name(dt_)));
+  if (!pat.defined() || pat.device() != dev_) bad("the pattern must live on A's device");
+  rows_ = pat.rows;
+  cols_ = pat.cols;
+  if (A.ndim() != 2 || A.dim(0) != rows_) bad(fmt::format("A {} must be [{}, k]", A.desc(), rows_));
+  k_ = A.dim(1);
+  if (U.ndim() != 2 || U.dim(0) != rows_) bad(fmt::format("U {} must be [{}, r]", U.desc(), rows_));
+  r_ = U.dim(1);
+  auto same = [&](const Tensor& t, const char* what, const Shape& s) {
+    if (!t.defined() || t.device() != dev_ || t.dtype() != dt_ || t.shape() != s)
+      bad(fmt::format("{} must be {} {} on {} (got {})", what, dtype_name(dt_), s.str(), device_name(dev_),
+                      t.defined() ? t.desc() : std::string("undefined")));
+  };
+  same(B, "B", Shape{cols_, k_});
+  same(U, "U", Shape{rows_, r_});
+  same(V, "V", Shape{cols_, r_});
+  if (K.empty() || int64_t(K.size()) > kernels::kKChainMaxL)
+    bad(fmt::format("{} inner factors (1 to {})", K.size(), kernels::kKChainMaxL));
+  for (const Tensor& kl : K) same(kl, "each K_l", Shape{k_, k_});
+  if (block_rows < 0) bad(fmt::format("block_rows {} must be >= 0", block_rows));
+  block_ = block_rows ? std::min(block_rows, rows_) : auto_block_rows(rows_, cols_, int64_t(dtype_size(dt_)));
+
+  // The observed set as bits, row by row.
+  const int64_t words = kernels::mask_words(cols_);
+  std::vector<int32_t> bits(size_t(rows_ * words), 0);
+  for (int64_t i = 0; i < rows_; ++i)
+    for (int32_t e = pat.h_row_ptr[size_t(i)]; e < pat.h_row_ptr[size_t(i) + 1]; ++e) {
+      const int64_t j = pat.h_col_idx[size_t(e)];
+      auto& w = reinterpret_cast<uint32_t&>(bits[size_t(i * words + j / 32)]);
+      w |= 1u << (j % 32);
+    }
+  bits_ = Tensor::from_ints(bits, Shape{rows_, words}, dev_);
+
+  const int64_t w = k_ + r_;
+  X_ = Tensor::zeros(Shape{rows_, w}, dt_, dev_);
+  Y_ = Tensor::zeros(Shape{cols_, w}, dt_, dev_);
+  Tensor negU = ops::scale(U, -1.0);
+  cudaStream_t s = stream_for(dev_);
+  DEEPLORA_DISPATCH(dev_, copy_cols, dt_, negU.data(), r_, static_cast<char*>(X_.data()) + k_ * dtype_size(dt_), w,
+                    rows_, r_, false, s);
+  DEEPLORA_DISPATCH(dev_, copy_cols, dt_, V.data(), r_, static_cast<char*>(Y_.data()) + k_ * dtype_size(dt_), w,
+                    cols_, r_, false, s);
+  R_ = Tensor::zeros(Shape{block_, cols_}, dt_, dev_);
+  GB_ = Tensor::zeros(Shape{rows_, k_}, dt_, dev_);
+  GtP_ = Tensor::zeros(Shape{cols_, k_}, dt_, dev_);
+  gKp_ = Tensor::zeros(Shape{k_, k_}, dt_, dev_);
+  Kp_ = Tensor::zeros(Shape{k_, k_}, dt_, dev_);
+  kwork_ = Tensor::zeros(Shape{kernels::k_update_work_elems(k_, int64_t(K.size()))}, dt_, dev_);
+  refresh();
+}
+
+void LowrankDenseStep::refresh() {
+  kernels::KChain ks;
+  ks.L = int64_t(K_.size());
+  ks.k = k_;
+  for (size_t l = 0; l < K_.size(); ++l) ks.K[l] = K_[l].data();
+  DEEPLORA_DISPATCH(dev_, lowrank_k_update, dt_, ks, gKp_.data(), 0.0, Kp_.data(), kwork_.data(), stream_for(dev_));
+}
+
+void LowrankDenseStep::step(double lr_inner, double lr_outer) {
+  cudaStream_t s = stream_for(dev_);
+  const int64_t w = k_ + r_, es = int64_t(dtype_size(dt_));
+  auto at = [&](const Tensor& t, int64_t elems) { return static_cast<char*>(t.data()) + elems * es; };
+  auto gemm = [&](const void* A, int64_t lda, bool ta, const void* B, int64_t ldb, bool tb, void* C, int64_t ldc,
+                  int64_t M, int64_t N, int64_t K, double alpha, double beta) {
+    kernels::Gemm g;
+    g.dt = dt_;
+    g.ta = ta;
+    g.tb = tb;
+    g.M = M;
+    g.N = N;
+    g.K = K;
+    g.A = A;
+    g.lda = lda;
+    g.B = B;
+    g.ldb = ldb;
+    g.C = C;
+    g.ldc = ldc;
+    g.alpha = alpha;
+    g.beta = beta;
+    DEEPLORA_DISPATCH(dev_, gemm, g, s);
+  };
+  // X = [A·Kp | −U], Y = [B | V].
+  gemm(A_.data(), k_, false, Kp_.data(), k_, false, X_.data(), w, rows_, k_, k_, 1.0, 0.0);
+  DEEPLORA_DISPATCH(dev_, copy_cols, dt_, B_.data(), k_, Y_.data(), w, cols_, k_, false, s);
+  for (int64_t i0 = 0; i0 < rows_; i0 += block_) {
+    const int64_t nb = std::min(block_, rows_ - i0);
+    gemm(at(X_, i0 * w), w, false, Y_.data(), w, true, R_.data(), cols_, nb, cols_, w, 1.0, 0.0);
+    DEEPLORA_DISPATCH(dev_, mask_scale_rows, dt_, reinterpret_cast<const uint32_t*>(bits_.data()), i0, nb, cols_, alpha_, R_.data(), cols_, s);
+    gemm(R_.data(), cols_, false, B_.data(), k_, false, at(GB_, i0 * k_), k_, nb, k_, cols_, 1.0, 0.0);
+    gemm(R_.data(), cols_, true, at(X_, i0 * w), w, false, GtP_.data(), k_, cols_, k_, nb, 1.0, i0 ? 1.0 : 0.0);
+  }
+  gemm(A_.data(), k_, true, GB_.data(), k_, false, gKp_.data(), k_, k_, k_, rows_, 1.0, 0.0);
+  gemm(GB_.data(), k_, false, Kp_.data(), k_, true, A_.data(), k_, rows_, k_, k_, -lr_outer, 1.0);
+  kernels::SgdItem it;
+  it.p = B_.data();
+  it.g = GtP_.data();
+  it.n = B_.numel();
+  it.lr = lr_outer;
+  DEEPLORA_DISPATCH(dev_, sgd_multi, dt_, &it, 1, false, s);
+  kernels::KChain ks;
+  ks.L = int64_t(K_.size());
+  ks.k = k_;
+  for (size_t l = 0; l < K_.size(); ++l) ks.K[l] = K_[l].data();
+  DEEPLORA_DISPATCH(dev_, lowrank_k_update, dt_, ks, gKp_.data(), lr_inner, Kp_.data(), kwork_.data(), s);
+}
+
+}  // namespace deeplora
