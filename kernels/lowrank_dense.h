@@ -15,8 +15,9 @@ struct KChain {
   void* K[kKChainMaxL] = {};
   int64_t L = 0, k = 0;
 };
-// Elements of dt the K update needs as scratch: prefix, suffix, two temporaries and the new K per layer.
-inline int64_t k_update_work_elems(int64_t k, int64_t L) { return (4 * L + 2) * k * k; }
+// Elements of dt the K update needs as scratch (CPU: prefix, suffix, two temporaries and the new K
+// per layer; CUDA: the same in k x (k + 1) padded tiles, used when they do not fit in shared memory).
+inline int64_t k_update_work_elems(int64_t k, int64_t L) { return (5 * L + 2) * k * (k + 1); }
 // Elements of a row's observed-set bitmask: bit j % 32 of word j / 32 is set when (i, j) is observed.
 inline int64_t mask_words(int64_t cols) { return (cols + 31) / 32; }
 

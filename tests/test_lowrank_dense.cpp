@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "kernels/dispatch.h"
@@ -137,8 +138,10 @@ TEST_CASE("lowrank_dense kernels: CPU vs CUDA at their real shapes (f64, f32)") 
     return;
   }
   for (DType dt : {DType::f64, DType::f32}) {
-    CAPTURE(dtype_name(dt));
+    const std::string dname = dtype_name(dt);
+    CAPTURE(dname);
     const double tol = dt == DType::f64 ? 1e-13 : 1e-5;
+    // k = 64, L = 5 does not fit in shared memory: the work-buffer path.
     for (int64_t k : {10, 20, 40, 64})
       for (int64_t L : {1, 2, 3, 5})
         for (double lr : {0.0, 0.3}) {
@@ -161,7 +164,8 @@ TEST_CASE("lowrank_dense kernels: CPU vs CUDA at their real shapes (f64, f32)") 
     Tensor R0 = Tensor::randn(Shape{rows, ld}, 5, dt, Device::cpu);
     std::vector<double> out[2];
     for (Device dev : {Device::cpu, Device::cuda}) {
-      Tensor b = Tensor::from_ints(bits, Shape{400, words}, dev), R = R0.to(dev);
+      Tensor b = Tensor::from_ints(bits, Shape{400, words}, dev);
+      Tensor R = Tensor::from_vector(R0.to_double(), R0.shape(), dt, dev);  // a fresh copy on each device
       DEEPLORA_DISPATCH(dev, mask_scale_rows, dt, reinterpret_cast<const uint32_t*>(b.data()), 40, rows, cols, 0.25,
                         R.data(), ld, stream_for(dev));
       out[int(dev)] = R.to_double();
