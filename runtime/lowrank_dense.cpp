@@ -11,7 +11,6 @@
 #include "kernels/llama.h"
 #include "kernels/lowrank_dense.h"
 #include "kernels/matmul.h"
-#include "kernels/sparse.h"
 #include "runtime/ops.h"
 
 namespace deeplora {
@@ -63,7 +62,7 @@ LowrankDenseStep::LowrankDenseStep(const SparsePattern& pat, const Tensor& U, co
 
   const int64_t w = k_ + r_;
   X_ = Tensor::zeros(Shape{rows_, w}, dt_, dev_);
-  Y_ = Tensor::zeros(Shape{cols_, w}, dt_, dev_);
+  Y_ = Tensor::zeros(Shape{cols_, w}, dt_, dev_);  // B's columns are written by refresh()
   Tensor negU = ops::scale(U, -1.0);
   cudaStream_t s = stream_for(dev_);
   DEEPLORA_DISPATCH(dev_, copy_cols, dt_, negU.data(), r_, static_cast<char*>(X_.data()) + k_ * dtype_size(dt_), w,
@@ -73,18 +72,21 @@ LowrankDenseStep::LowrankDenseStep(const SparsePattern& pat, const Tensor& U, co
   R_ = Tensor::zeros(Shape{block_, cols_}, dt_, dev_);
   GB_ = Tensor::zeros(Shape{rows_, k_}, dt_, dev_);
   GtP_ = Tensor::zeros(Shape{cols_, k_}, dt_, dev_);
-  gKp_ = Tensor::zeros(Shape{k_, k_}, dt_, dev_);
+  nparts_ = kernels::gram_parts(rows_);
+  gKp_ = Tensor::zeros(Shape{nparts_, k_, k_}, dt_, dev_);
   Kp_ = Tensor::zeros(Shape{k_, k_}, dt_, dev_);
   kwork_ = Tensor::zeros(Shape{kernels::k_update_work_elems(k_, int64_t(K.size()))}, dt_, dev_);
   refresh();
 }
 
 void LowrankDenseStep::refresh() {
+  DEEPLORA_DISPATCH(dev_, copy_cols, dt_, B_.data(), k_, Y_.data(), k_ + r_, cols_, k_, false, stream_for(dev_));
   kernels::KChain ks;
   ks.L = int64_t(K_.size());
   ks.k = k_;
   for (size_t l = 0; l < K_.size(); ++l) ks.K[l] = K_[l].data();
-  DEEPLORA_DISPATCH(dev_, lowrank_k_update, dt_, ks, gKp_.data(), 0.0, Kp_.data(), kwork_.data(), stream_for(dev_));
+  DEEPLORA_DISPATCH(dev_, lowrank_k_update, dt_, ks, gKp_.data(), nparts_, 0.0, Kp_.data(), kwork_.data(),
+                    stream_for(dev_));
 }
 
 void LowrankDenseStep::step(double lr_inner, double lr_outer) {
@@ -110,9 +112,8 @@ void LowrankDenseStep::step(double lr_inner, double lr_outer) {
     g.beta = beta;
     DEEPLORA_DISPATCH(dev_, gemm, g, s);
   };
-  // X = [A·Kp | −U], Y = [B | V].
+  // X = [A·Kp | −U]; Y = [B | V] is kept current by the B update.
   gemm(A_.data(), k_, false, Kp_.data(), k_, false, X_.data(), w, rows_, k_, k_, 1.0, 0.0);
-  DEEPLORA_DISPATCH(dev_, copy_cols, dt_, B_.data(), k_, Y_.data(), w, cols_, k_, false, s);
   for (int64_t i0 = 0; i0 < rows_; i0 += block_) {
     const int64_t nb = std::min(block_, rows_ - i0);
     gemm(at(X_, i0 * w), w, false, Y_.data(), w, true, R_.data(), cols_, nb, cols_, w, 1.0, 0.0);
@@ -120,19 +121,16 @@ void LowrankDenseStep::step(double lr_inner, double lr_outer) {
     gemm(R_.data(), cols_, false, B_.data(), k_, false, at(GB_, i0 * k_), k_, nb, k_, cols_, 1.0, 0.0);
     gemm(R_.data(), cols_, true, at(X_, i0 * w), w, false, GtP_.data(), k_, cols_, k_, nb, 1.0, i0 ? 1.0 : 0.0);
   }
-  gemm(A_.data(), k_, true, GB_.data(), k_, false, gKp_.data(), k_, k_, k_, rows_, 1.0, 0.0);
+  // gKp = Aᵀ·GB in row-chunk partials (summed by the K update): a k x k product over `rows` that
+  // cuBLASLt runs as split-K with a slow reduction (108 us at d = 2000, k = 20 on the H200).
+  DEEPLORA_DISPATCH(dev_, lowrank_gram_partials, dt_, A_.data(), GB_.data(), rows_, k_, nparts_, gKp_.data(), s);
   gemm(GB_.data(), k_, false, Kp_.data(), k_, true, A_.data(), k_, rows_, k_, k_, -lr_outer, 1.0);
-  kernels::SgdItem it;
-  it.p = B_.data();
-  it.g = GtP_.data();
-  it.n = B_.numel();
-  it.lr = lr_outer;
-  DEEPLORA_DISPATCH(dev_, sgd_multi, dt_, &it, 1, false, s);
+  DEEPLORA_DISPATCH(dev_, axpy_copy_cols, dt_, B_.data(), GtP_.data(), lr_outer, cols_, k_, Y_.data(), w, s);
   kernels::KChain ks;
   ks.L = int64_t(K_.size());
   ks.k = k_;
   for (size_t l = 0; l < K_.size(); ++l) ks.K[l] = K_[l].data();
-  DEEPLORA_DISPATCH(dev_, lowrank_k_update, dt_, ks, gKp_.data(), lr_inner, Kp_.data(), kwork_.data(), s);
+  DEEPLORA_DISPATCH(dev_, lowrank_k_update, dt_, ks, gKp_.data(), nparts_, lr_inner, Kp_.data(), kwork_.data(), s);
 }
 
 }  // namespace deeplora

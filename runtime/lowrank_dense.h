@@ -6,7 +6,8 @@
 //   for each block of rows I:                          (the block is sized to stay in L2)
 //     R_I  = mask_I ∘ alpha·(X_I·Yᵀ)                  one GEMM + one mask pass: ∂f/∂W on the block
 //     GB_I = R_I·B,   GtP (+)= R_Iᵀ·P_I               two GEMMs reading R_I while it is cached
-//   gKp = Aᵀ·GB;  A ← A − η_o·GB·Kpᵀ;  B ← B − η_o·GtP;  K_l ← K_l − η_i·∂f/∂K_l,  Kp ← K_L⋯K_1.
+//   gKp = Aᵀ·GB;  A ← A − η_o·GB·Kpᵀ;  B ← B − η_o·GtP (and into Y);  K_l ← K_l − η_i·∂f/∂K_l,
+//   Kp ← K_L⋯K_1 (one block: kernels::lowrank_k_update).
 // Cost ~ rows·cols·(3k + r) multiply-adds on the tensor cores plus two passes over each R block,
 // independent of |Ω|: it beats the sampled kernel (kernels::lowrank_step) when Ω is dense enough
 // (the cost model in models/deep_mc.cpp). Deterministic: fixed blocks, fixed GEMM plans, no atomics.
@@ -28,7 +29,8 @@ class LowrankDenseStep {
                    const std::vector<Tensor>& K, double alpha, int64_t block_rows = 0);
   // One iteration; no host sync, the same launches and no allocation every call (capturable).
   void step(double lr_inner, double lr_outer);
-  // Kp = K_L⋯K_1 again (after K was changed from outside; step() keeps it current itself).
+  // Y's copy of B and Kp = K_L⋯K_1 again (after B or K were changed from outside; step() keeps both
+  // current itself).
   void refresh();
   int64_t block_rows() const { return block_; }
   int64_t n_blocks() const { return (rows_ + block_ - 1) / block_; }
@@ -38,14 +40,14 @@ class LowrankDenseStep {
  private:
   Device dev_;
   DType dt_;
-  int64_t rows_ = 0, cols_ = 0, k_ = 0, r_ = 0, block_ = 0;
+  int64_t rows_ = 0, cols_ = 0, k_ = 0, r_ = 0, block_ = 0, nparts_ = 1;
   double alpha_ = 0;
   Tensor A_, B_;
   std::vector<Tensor> K_;
   Tensor bits_;             // i32 [rows, mask_words(cols)]: the observed set as bits
   Tensor X_, Y_;            // [rows, k + r], [cols, k + r]
   Tensor R_;                // [block, cols]
-  Tensor GB_, GtP_, gKp_, Kp_, kwork_, ws_;
+  Tensor GB_, GtP_, gKp_, Kp_, kwork_;  // gKp_: kernels::gram_parts(rows) partials of Aᵀ·GB
 };
 
 }  // namespace deeplora

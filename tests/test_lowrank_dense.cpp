@@ -57,9 +57,10 @@ KOut run_k_update(Device dev, DType dt, int64_t k, int64_t L, double lr) {
     K.push_back(Tensor::randn(Shape{k, k}, 100 + uint64_t(l), dt, dev, 1.0 / std::sqrt(double(k))));
     ks.K[l] = K.back().data();
   }
-  Tensor g = Tensor::randn(Shape{k, k}, 99, dt, dev), Kp = Tensor::zeros(Shape{k, k}, dt, dev);
+  // ∂f/∂Kp in three partials (summed by the kernel).
+  Tensor g = Tensor::randn(Shape{3, k, k}, 99, dt, dev), Kp = Tensor::zeros(Shape{k, k}, dt, dev);
   Tensor w = Tensor::full(Shape{kernels::k_update_work_elems(k, L)}, std::nan(""), dt, dev);  // any content
-  DEEPLORA_DISPATCH(dev, lowrank_k_update, dt, ks, g.data(), lr, Kp.data(), w.data(), stream_for(dev));
+  DEEPLORA_DISPATCH(dev, lowrank_k_update, dt, ks, g.data(), 3, lr, Kp.data(), w.data(), stream_for(dev));
   KOut o;
   for (auto& t : K) o.K.push_back(t.to_double());
   o.Kp = Kp.to_double();
@@ -71,7 +72,9 @@ KOut reference_k_update(int64_t k, int64_t L, double lr) {
   std::vector<std::vector<double>> K;
   for (int64_t l = 0; l < L; ++l)
     K.push_back(Tensor::randn(Shape{k, k}, 100 + uint64_t(l), DType::f64, Device::cpu, 1.0 / std::sqrt(double(k))).to_double());
-  std::vector<double> g = Tensor::randn(Shape{k, k}, 99, DType::f64, Device::cpu).to_double();
+  std::vector<double> parts = Tensor::randn(Shape{3, k, k}, 99, DType::f64, Device::cpu).to_double();
+  std::vector<double> g(size_t(k * k), 0.0);
+  for (size_t e = 0; e < g.size(); ++e) g[e] = parts[e] + parts[g.size() + e] + parts[2 * g.size() + e];
   KOut o;
   for (int64_t l = 0; l < L; ++l) {
     std::vector<double> suf = eye(k), pre = eye(k);
@@ -103,6 +106,37 @@ TEST_CASE("lowrank_k_update: the inner factors' step and their product against a
       }
     }
   }
+}
+
+TEST_CASE("lowrank_gram_partials and axpy_copy_cols against f64 references (CPU)") {
+  const int64_t rows = 203, k = 7, parts = 4;  // chunks of 51, the last one 50 rows
+  std::vector<double> X = Tensor::randn(Shape{rows, k}, 1, DType::f64, Device::cpu).to_double();
+  std::vector<double> Y = Tensor::randn(Shape{rows, k}, 2, DType::f64, Device::cpu).to_double();
+  std::vector<double> out(size_t(parts * k * k), -1.0);
+  kernels::cpu::lowrank_gram_partials(DType::f64, X.data(), Y.data(), rows, k, parts, out.data(), nullptr);
+  std::vector<double> total(size_t(k * k), 0.0), sum(size_t(k * k), 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) total[size_t(i * k + j)] += X[size_t(r * k + i)] * Y[size_t(r * k + j)];
+  for (int64_t b = 0; b < parts; ++b)
+    for (int64_t e = 0; e < k * k; ++e) sum[size_t(e)] += out[size_t(b * k * k + e)];
+  CHECK(max_rel(sum, total) <= 1e-13);
+  // More parts than rows: the empty chunks are zero.
+  std::vector<double> few(size_t(5 * k * k), -1.0);
+  kernels::cpu::lowrank_gram_partials(DType::f64, X.data(), Y.data(), 3, k, 5, few.data(), nullptr);
+  for (int64_t e = 3 * k * k; e < 5 * k * k; ++e) CHECK(few[size_t(e)] == 0.0);
+  std::vector<double> p = X, dst(size_t(rows * (k + 2)), 5.0);
+  kernels::cpu::axpy_copy_cols(DType::f64, p.data(), Y.data(), 0.5, rows, k, dst.data(), k + 2, nullptr);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < k + 2; ++c) {
+      const double want = X[size_t(r * k + std::min(c, k - 1))] - 0.5 * Y[size_t(r * k + std::min(c, k - 1))];
+      if (c < k) {
+        CHECK(p[size_t(r * k + c)] == want);
+        CHECK(dst[size_t(r * (k + 2) + c)] == want);
+      } else {
+        CHECK(dst[size_t(r * (k + 2) + c)] == 5.0);
+      }
+    }
 }
 
 TEST_CASE("mask_scale_rows: scales the observed entries, zeroes the rest (inf and NaN included)") {
@@ -152,6 +186,24 @@ TEST_CASE("lowrank_dense kernels: CPU vs CUDA at their real shapes (f64, f32)") 
           for (int64_t l = 0; l < L; ++l) CHECK(max_rel(b.K[size_t(l)], a.K[size_t(l)]) <= tol);
           CHECK(max_rel(b.Kp, a.Kp) <= tol);
         }
+    // Gram partials at the dense step's shapes (d = 2000 in 31 parts; k = 10, 40), and the B update.
+    for (int64_t k : {10, 40}) {
+      const int64_t rows = 2000, parts = kernels::gram_parts(rows);
+      Tensor X0 = Tensor::randn(Shape{rows, k}, 11, dt, Device::cpu), Y0 = Tensor::randn(Shape{rows, k}, 12, dt, Device::cpu);
+      std::vector<double> g[2], pv[2], dv[2];
+      for (Device dev : {Device::cpu, Device::cuda}) {
+        Tensor X = X0.to(dev), Y = Y0.to(dev), o = Tensor::zeros(Shape{parts, k, k}, dt, dev);
+        DEEPLORA_DISPATCH(dev, lowrank_gram_partials, dt, X.data(), Y.data(), rows, k, parts, o.data(), stream_for(dev));
+        g[int(dev)] = o.to_double();
+        Tensor P = Tensor::from_vector(X0.to_double(), X0.shape(), dt, dev), D = Tensor::zeros(Shape{rows, k + 3}, dt, dev);
+        DEEPLORA_DISPATCH(dev, axpy_copy_cols, dt, P.data(), Y.data(), 0.25, rows, k, D.data(), k + 3, stream_for(dev));
+        pv[int(dev)] = P.to_double();
+        dv[int(dev)] = D.to_double();
+      }
+      CHECK(max_rel(g[1], g[0]) <= tol);
+      CHECK(max_rel(pv[1], pv[0]) <= tol);  // p − lr·g: one rounding apart (the GPU contracts to an fma)
+      CHECK(max_rel(dv[1], dv[0]) <= tol);
+    }
     // The mask pass: 5000 columns (more than 16 blocks of 256 per row), 300 rows from row 40 of a
     // 400-row mask, a random quarter observed.
     const int64_t rows = 300, cols = 5000, words = kernels::mask_words(cols), ld = 5003;

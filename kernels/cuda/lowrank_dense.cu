@@ -30,8 +30,10 @@ __global__ void mask_scale_kernel(const uint32_t* __restrict__ bits, int64_t wor
   }
 }
 
-// C = op(A)·op(B) for `count` independent k x k products at once (A, B null: the identity); every
-// matrix has leading dimension ld = k + 1 (odd for even k: the transposed reads hit distinct banks).
+// C = op(A)·op(B) for `count` independent k x k products at once; every matrix has leading dimension
+// ld = k + 1 (odd for even k, so transposed reads spread over the banks). Each thread owns a 4 x 4
+// tile of one product (rows and columns past k are clamped on load and not stored) and sums over the
+// inner index in ascending order: 8 shared loads per 16 multiply-adds.
 template <class T> struct MM {
   const T* A;
   bool ta;
@@ -40,48 +42,76 @@ template <class T> struct MM {
   T* C;
 };
 template <class T> __device__ void mm_pass(const MM<T>* items, int count, int k) {
-  const int kk = k * k, ld = k + 1;
-  for (int e = threadIdx.x; e < count * kk; e += blockDim.x) {
-    const MM<T>& m = items[e / kk];
-    const int i = (e % kk) / k, j = e % k;
-    T s = 0;
-    for (int c = 0; c < k; ++c) {
-      const T a = m.A ? (m.ta ? m.A[c * ld + i] : m.A[i * ld + c]) : T(i == c);
-      const T b = m.B ? (m.tb ? m.B[j * ld + c] : m.B[c * ld + j]) : T(c == j);
-      s = fma(a, b, s);
+  const int ld = k + 1, tpr = (k + 3) / 4, nt = tpr * tpr;
+  for (int t = threadIdx.x; t < count * nt; t += blockDim.x) {
+    const MM<T> m = items[t / nt];
+    const int tile = t % nt, i0 = (tile / tpr) * 4, j0 = (tile % tpr) * 4;
+    const int ai = m.ta ? 1 : ld, ac = m.ta ? ld : 1, bc = m.tb ? 1 : ld, bj = m.tb ? ld : 1;
+    const T* pa[4];
+    const T* pb[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      pa[u] = m.A + min(i0 + u, k - 1) * ai;
+      pb[u] = m.B + min(j0 + u, k - 1) * bj;
     }
-    m.C[i * ld + j] = s;
+    T acc[4][4] = {};
+    for (int c = 0; c < k; ++c) {
+      T a[4], b[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        a[u] = pa[u][c * ac];
+        b[u] = pb[u][c * bc];
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[u][v] = fma(a[u], b[v], acc[u][v]);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int v = 0; v < 4; ++v)
+        if (i0 + u < k && j0 + v < k) m.C[(i0 + u) * ld + j0 + v] = acc[u][v];
   }
   __syncthreads();
 }
 
-// Matrices of the update, each k x (k + 1): the current K_l (L), gKp (1), prefixes K_l⋯K_1 for
-// l = 2..L-1 and suffixes K_L⋯K_l for l = 2..L-1 (L - 2 each), T_l = suffix_{l+1}ᵀ·gKp (L), the new
-// K_l (L). In shared memory when they fit, else in the caller's work buffer.
-__host__ __device__ inline int k_update_mats(int L) { return L >= 2 ? 5 * L - 3 : 4; }
+// Matrices of the update, each k x (k + 1): the current K_l (L), gKp (1), the identity (1), prefixes
+// K_l⋯K_1 for l = 2..L-1 and suffixes K_L⋯K_l for l = 2..L-1 (L - 2 each), T_l = suffix_{l+1}ᵀ·gKp
+// (L), the new K_l (L). In shared memory when they fit, else in the caller's work buffer.
+__host__ __device__ inline int k_update_mats(int L) { return L >= 2 ? 5 * L - 2 : 5; }
 
 template <class T>
-__global__ void k_update_kernel(KChain ks, const T* __restrict__ gKp, T lr, T* __restrict__ Kp, T* gwork, bool in_smem) {
+__global__ void k_update_kernel(KChain ks, const T* __restrict__ parts, int nparts, T lr, T* __restrict__ Kp, T* gwork,
+                                bool in_smem) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ MM<T> items[kKChainMaxL];
   const int L = int(ks.L), k = int(ks.k), kk = k * k, ld = k + 1, M = k * ld;
   T* w = in_smem ? reinterpret_cast<T*>(smem_raw) : gwork;
-  T* sK = w;                      // L
-  T* sG = sK + L * M;             // 1
-  T* pre = sG + M;                // L - 2: pre[l - 2] = K_l⋯K_1, l = 2..L-1
-  T* suf = pre + (L >= 2 ? (L - 2) : 0) * M;  // L - 2: suf[l - 2] = K_L⋯K_l, l = 2..L-1
-  T* tmp = suf + (L >= 2 ? (L - 2) : 0) * M;  // L
-  T* nK = tmp + L * M;            // L
+  T* sK = w;                                   // L
+  T* sG = sK + L * M;                          // 1
+  T* sI = sG + M;                              // 1
+  T* pre = sI + M;                             // L - 2: pre[l - 2] = K_l⋯K_1, l = 2..L-1
+  T* suf = pre + (L >= 2 ? (L - 2) : 0) * M;   // L - 2: suf[l - 2] = K_L⋯K_l, l = 2..L-1
+  T* tmp = suf + (L >= 2 ? (L - 2) : 0) * M;   // L (at least 1)
+  T* nK = tmp + L * M;                         // L
   for (int e = threadIdx.x; e < L * kk; e += blockDim.x) {
     const int l = e / kk, x = e % kk;
     sK[l * M + (x / k) * ld + x % k] = static_cast<const T*>(ks.K[l])[x];
   }
-  if (lr != T(0))
-    for (int x = threadIdx.x; x < kk; x += blockDim.x) sG[(x / k) * ld + x % k] = gKp[x];
+  for (int x = threadIdx.x; x < kk; x += blockDim.x) {
+    const int i = x / k, j = x % k;
+    sI[i * ld + j] = T(i == j);
+    if (lr != T(0)) {
+      T v = 0;
+      for (int b = 0; b < nparts; ++b) v += parts[b * kk + x];
+      sG[i * ld + j] = v;
+    }
+  }
   __syncthreads();
   auto Kl = [&](int l) -> const T* { return sK + (l - 1) * M; };  // 1-based
-  auto P = [&](int l) -> const T* { return l == 0 ? nullptr : l == 1 ? Kl(1) : pre + (l - 2) * M; };
-  auto S = [&](int l) -> const T* { return l == L + 1 ? nullptr : l == L ? Kl(L) : suf + (l - 2) * M; };
+  auto P = [&](int l) -> const T* { return l == 0 ? sI : l == 1 ? Kl(1) : pre + (l - 2) * M; };
+  auto S = [&](int l) -> const T* { return l == L + 1 ? sI : l == L ? Kl(L) : suf + (l - 2) * M; };
   const T* cur_K = sK;  // the factors the product is formed from
   if (lr != T(0)) {
     // Prefix and suffix chains side by side: step s forms K_{s+1}⋯K_1 and K_L⋯K_{L-s}.
@@ -111,13 +141,38 @@ __global__ void k_update_kernel(KChain ks, const T* __restrict__ gKp, T lr, T* _
   auto C = [&](int l) -> const T* { return cur_K + (l - 1) * M; };
   const T* cur = C(1);
   for (int l = 2; l <= L; ++l) {
-    T* dst = tmp + (l % 2) * M;
+    T* dst = l % 2 ? sG : tmp;  // sG and tmp are free by now
     if (threadIdx.x == 0) items[0] = MM<T>{C(l), false, cur, false, dst};
     __syncthreads();
     mm_pass(items, 1, k);
     cur = dst;
   }
   for (int x = threadIdx.x; x < kk; x += blockDim.x) Kp[x] = cur[(x / k) * ld + x % k];
+}
+
+// One block per row chunk; each thread owns outputs (i, j) of the chunk's k x k partial.
+template <class T>
+__global__ void gram_partials_kernel(const T* __restrict__ X, const T* __restrict__ Y, int64_t rows, int k,
+                                     int64_t chunk, T* __restrict__ out) {
+  const int64_t r0 = min(rows, int64_t(blockIdx.x) * chunk), r1 = min(rows, r0 + chunk);
+  const int kk = k * k;
+  for (int e = threadIdx.x; e < kk; e += blockDim.x) {
+    const int i = e / k, j = e % k;
+    T s = 0;
+    for (int64_t r = r0; r < r1; ++r) s = fma(X[r * k + i], Y[r * k + j], s);
+    out[int64_t(blockIdx.x) * kk + e] = s;
+  }
+}
+
+template <class T>
+__global__ void axpy_copy_kernel(T* __restrict__ p, const T* __restrict__ g, T lr, int64_t rows, int k, T* __restrict__ dst,
+                                 int64_t ld) {
+  const int64_t n = rows * k;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    const T v = p[e] - lr * g[e];
+    p[e] = v;
+    dst[(e / k) * ld + e % k] = v;
+  }
 }
 
 }  // namespace
@@ -136,9 +191,34 @@ void mask_scale_rows(DType dt, const uint32_t* bits, int64_t row0, int64_t rows,
   });
 }
 
-void lowrank_k_update(DType dt, const KChain& ks, const void* gKp, double lr, void* Kp, void* work, cudaStream_t s) {
+void lowrank_gram_partials(DType dt, const void* X, const void* Y, int64_t rows, int64_t k, int64_t nparts, void* out,
+                           cudaStream_t s) {
+  if (nparts < 1 || nparts > 65535) throw std::invalid_argument("kernels::cuda::lowrank_gram_partials: nparts in [1, 65535]");
+  f32_f64(dt, "lowrank_gram_partials", [&](auto z) {
+    using T = decltype(z);
+    const int64_t chunk = (rows + nparts - 1) / nparts;
+    gram_partials_kernel<T><<<unsigned(nparts), 256, 0, s>>>(static_cast<const T*>(X), static_cast<const T*>(Y), rows,
+                                                              int(k), chunk, static_cast<T*>(out));
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+void axpy_copy_cols(DType dt, void* p, const void* g, double lr, int64_t rows, int64_t k, void* dst, int64_t dst_ld,
+                    cudaStream_t s) {
+  if (rows <= 0 || k <= 0) return;
+  f32_f64(dt, "axpy_copy_cols", [&](auto z) {
+    using T = decltype(z);
+    axpy_copy_kernel<T><<<grid_for(rows * k, 256, 1024), 256, 0, s>>>(static_cast<T*>(p), static_cast<const T*>(g), T(lr),
+                                                                       rows, int(k), static_cast<T*>(dst), dst_ld);
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+void lowrank_k_update(DType dt, const KChain& ks, const void* gKp_parts, int64_t nparts, double lr, void* Kp,
+                      void* work, cudaStream_t s) {
   if (ks.L < 1 || ks.L > kKChainMaxL || ks.k < 1 || ks.k > 1024)
     throw std::invalid_argument("kernels::cuda::lowrank_k_update: L must be in [1, 16] and k in [1, 1024]");
+  if (lr != 0.0 && nparts < 1) throw std::invalid_argument("kernels::cuda::lowrank_k_update: nparts must be >= 1");
   f32_f64(dt, "lowrank_k_update", [&](auto z) {
     using T = decltype(z);
     constexpr size_t kMaxSmem = 220 * 1024;  // within the 227 KiB a block may opt into on sm_90
@@ -149,8 +229,9 @@ void lowrank_k_update(DType dt, const KChain& ks, const void* gKp, double lr, vo
     (void)opted;
     const size_t bytes = size_t(k_update_mats(int(ks.L))) * size_t(ks.k) * size_t(ks.k + 1) * sizeof(T);
     const bool in_smem = bytes <= kMaxSmem;
-    const int threads = int(std::min<int64_t>(1024, std::max<int64_t>(64, (ks.k * ks.k * ks.L + 31) / 32 * 32)));
-    k_update_kernel<T><<<1, threads, in_smem ? bytes : 0, s>>>(ks, static_cast<const T*>(gKp), T(lr),
+    const int64_t tiles = (ks.k + 3) / 4 * ((ks.k + 3) / 4) * ks.L;
+    const int threads = int(std::min<int64_t>(1024, std::max<int64_t>(128, (tiles + 31) / 32 * 32)));
+    k_update_kernel<T><<<1, threads, in_smem ? bytes : 0, s>>>(ks, static_cast<const T*>(gKp_parts), int(nparts), T(lr),
                                                               static_cast<T*>(Kp), static_cast<T*>(work), in_smem);
     CUDA_CHECK_LAUNCH();
   });
