@@ -127,36 +127,39 @@ const char* impl_name(Impl i) {
 }
 
 // ---- the cost model ------------------------------------------------------------------------------------
-// Constants fitted to the H200 grid in NOTES.md ("Deep MC at every shape", f64, graphs on):
-// - fused: a fixed part per iteration (grid barrier, the K update every block repeats) plus a cost
-//   per observed entry that grows with the register bound KK = lowrank_kk(k) the kernel runs at;
-// - dense: per launch (4 per row block + 6) plus, per d² entry, the passes over the residual block
-//   (GEMM write, mask read + write, two GEMM reads) and the tensor-core multiply-adds (3k + r).
-// f32 halves the bytes of the dense passes and is charged 0.7 of the fused per-entry cost
-// (not fitted: the grid is f64). On the CPU the sampled reference is always cheaper than d² work
-// when it exists, so auto picks it there.
+// Fitted to the H200 grid in NOTES.md ("Deep MC at every shape", f64, CUDA graphs on, µs per iteration):
+// - fused: 5.5 + 2.8e-3·d + 1.4e-5·|Ω|·(KK/10)^1.55 (KK = lowrank_kk(k), the register bound it runs at):
+//   the grid barrier and every block's K chain, the rows' and columns' passes, and the entries'
+//   gathers (e.g. d = 2000, r = 5: 14.2 / 25.1 / 40.1 µs at p = 0.05 / 0.2 / 0.5, model 13.9 / 22.3 / 39);
+// - dense: 45 + 1.1·(k − 10)⁺ + 1.2e-5·d²·(1 + k/40): ~10 launches, the one-block K update (grows with
+//   k), and the passes over the d² residual (e.g. d = 2000: 101 / 117 / 168 µs at k = 10 / 20 / 40).
+// Measured, the fused kernel wins wherever it exists (its sampled gathers cost less than d² passes at
+// every grid point up to p = 0.5); the dense step replaces the tape where it does not (k = 2r > 16 at
+// L = 3: 117 µs against the tape's 330 µs at d = 2000, r = 10). f32 is charged 0.7 of the fused and
+// 0.6 of the dense d² cost (not fitted: the grid is f64). On the CPU the sampled reference is always
+// cheaper than d² work when it exists, so auto picks it there too.
 namespace {
 struct CostConsts {
-  double fused_fixed_us = 3.0, fused_entry_us = 4.5e-5, fused_kk_exp = 1.55;  // per entry at KK = 10
-  double dense_launch_us = 2.0, dense_elem_us = 5.0e-6, dense_flop_per_us = 4.0e7;
+  double fused_fixed_us = 5.5, fused_per_d_us = 2.8e-3, fused_entry_us = 1.4e-5, fused_kk_exp = 1.55;
+  double dense_fixed_us = 45.0, dense_per_k_us = 1.1, dense_elem_us = 1.2e-5;
 };
 constexpr CostConsts kCost{};
 }  // namespace
 
 StepCost step_cost(Device dev, DType dt, int64_t d, int64_t nnz, int64_t k, int64_t r, int64_t L, int64_t block_rows) {
+  (void)r;
   StepCost c;
   c.fused_ok = kernels::lowrank_step_supported(dt, k, L);
-  c.dense_ok = (dt == DType::f64 || dt == DType::f32) && L >= 1 && L <= kernels::kKChainMaxL;
-  const double f32 = dt == DType::f32 ? 0.5 : 1.0;
+  c.dense_ok = (dt == DType::f64 || dt == DType::f32) && L >= 1 && L <= kernels::kKChainMaxL && k >= 1 && k <= 64;
   const double kk = double(kernels::lowrank_kk(std::min<int64_t>(k, 32)));
-  c.fused_us = kCost.fused_fixed_us + double(nnz) * kCost.fused_entry_us * (dt == DType::f32 ? 0.7 : 1.0) *
-                                          std::pow(kk / 10.0, kCost.fused_kk_exp);
+  c.fused_us = kCost.fused_fixed_us + kCost.fused_per_d_us * double(d) +
+               double(nnz) * kCost.fused_entry_us * (dt == DType::f32 ? 0.7 : 1.0) * std::pow(kk / 10.0, kCost.fused_kk_exp);
   const int64_t es = int64_t(dtype_size(dt));
   const int64_t br = block_rows > 0 ? std::min(block_rows, d) : LowrankDenseStep::auto_block_rows(d, d, es);
   const double blocks = std::ceil(double(d) / double(std::max<int64_t>(1, br)));
   const double d2 = double(d) * double(d);
-  c.dense_us = kCost.dense_launch_us * (4.0 * blocks + 6.0) + d2 * kCost.dense_elem_us * f32 +
-               2.0 * d2 * double(3 * k + r) / kCost.dense_flop_per_us;
+  c.dense_us = kCost.dense_fixed_us + 4.0 * 2.5 * (blocks - 1.0) + kCost.dense_per_k_us * double(std::max<int64_t>(0, k - 10)) +
+               kCost.dense_elem_us * d2 * (1.0 + double(k) / 40.0) * (dt == DType::f32 ? 0.6 : 1.0);
   if (dev == Device::cpu) c.pick = c.fused_ok ? Impl::fused : c.dense_ok ? Impl::dense : Impl::tape;
   else if (c.fused_ok && c.dense_ok) c.pick = c.fused_us <= c.dense_us ? Impl::fused : Impl::dense;
   else c.pick = c.fused_ok ? Impl::fused : c.dense_ok ? Impl::dense : Impl::tape;

@@ -35,6 +35,7 @@ LowrankDenseStep::LowrankDenseStep(const SparsePattern& pat, const Tensor& U, co
   k_ = A.dim(1);
   if (U.ndim() != 2 || U.dim(0) != rows_) bad(fmt::format("U {} must be [{}, r]", U.desc(), rows_));
   r_ = U.dim(1);
+  if (k_ < 1 || k_ > 64) bad(fmt::format("the width k = {} must be in [1, 64]", k_));
   auto same = [&](const Tensor& t, const char* what, const Shape& s) {
     if (!t.defined() || t.device() != dev_ || t.dtype() != dt_ || t.shape() != s)
       bad(fmt::format("{} must be {} {} on {} (got {})", what, dtype_name(dt_), s.str(), device_name(dev_),

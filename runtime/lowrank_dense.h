@@ -22,7 +22,7 @@ namespace deeplora {
 
 class LowrankDenseStep {
  public:
-  // A [rows, k], B [cols, k], K (1..16 of [k, k]) are updated in place by step(); U [rows, r] and
+  // A [rows, k], B [cols, k] (k <= 64), K (1..16 of [k, k]) are updated in place by step(); U [rows, r] and
   // V [cols, r] define the target. block_rows: rows of R formed at once (0: automatic, R blocks of at
   // most ~16 MiB). Throws std::invalid_argument naming the tensor on mismatched shapes or devices.
   LowrankDenseStep(const SparsePattern& pat, const Tensor& U, const Tensor& V, const Tensor& A, const Tensor& B,

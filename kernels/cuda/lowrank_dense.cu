@@ -82,7 +82,7 @@ template <class T> __device__ void mm_pass(const MM<T>* items, int count, int k)
 __host__ __device__ inline int k_update_mats(int L) { return L >= 2 ? 5 * L - 2 : 5; }
 
 template <class T>
-__global__ void k_update_kernel(KChain ks, const T* __restrict__ parts, int nparts, T lr, T* __restrict__ Kp, T* gwork,
+__global__ void __launch_bounds__(512) k_update_kernel(KChain ks, const T* __restrict__ parts, int nparts, T lr, T* __restrict__ Kp, T* gwork,
                                 bool in_smem) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ MM<T> items[kKChainMaxL];
@@ -150,17 +150,49 @@ __global__ void k_update_kernel(KChain ks, const T* __restrict__ parts, int npar
   for (int x = threadIdx.x; x < kk; x += blockDim.x) Kp[x] = cur[(x / k) * ld + x % k];
 }
 
-// One block per row chunk; each thread owns outputs (i, j) of the chunk's k x k partial.
+// One block per row chunk, staged 32 rows at a time in shared memory; each thread owns a 4 x 4 tile
+// of the chunk's k x k partial and sums the rows in ascending order.
+constexpr int kGramRows = 32;
 template <class T>
-__global__ void gram_partials_kernel(const T* __restrict__ X, const T* __restrict__ Y, int64_t rows, int k,
-                                     int64_t chunk, T* __restrict__ out) {
+__global__ void __launch_bounds__(256) gram_partials_kernel(const T* __restrict__ X, const T* __restrict__ Y,
+                                                            int64_t rows, int k, int64_t chunk, T* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sx = reinterpret_cast<T*>(smem_raw);
+  T* sy = sx + kGramRows * k;
   const int64_t r0 = min(rows, int64_t(blockIdx.x) * chunk), r1 = min(rows, r0 + chunk);
-  const int kk = k * k;
-  for (int e = threadIdx.x; e < kk; e += blockDim.x) {
-    const int i = e / k, j = e % k;
-    T s = 0;
-    for (int64_t r = r0; r < r1; ++r) s = fma(X[r * k + i], Y[r * k + j], s);
-    out[int64_t(blockIdx.x) * kk + e] = s;
+  const int tpr = (k + 3) / 4, nt = tpr * tpr, t = threadIdx.x;
+  const int i0 = (t / tpr) * 4, j0 = (t % tpr) * 4;
+  T acc[4][4] = {};
+  for (int64_t rb = r0; rb < r1; rb += kGramRows) {
+    const int n = int(min(int64_t(kGramRows), r1 - rb));
+    __syncthreads();
+    for (int e = threadIdx.x; e < n * k; e += blockDim.x) {
+      sx[e] = X[rb * k + e];
+      sy[e] = Y[rb * k + e];
+    }
+    __syncthreads();
+    if (t < nt) {
+      for (int r = 0; r < n; ++r) {
+        T a[4], b[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          a[u] = sx[r * k + min(i0 + u, k - 1)];
+          b[u] = sy[r * k + min(j0 + u, k - 1)];
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) acc[u][v] = fma(a[u], b[v], acc[u][v]);
+      }
+    }
+  }
+  if (t < nt) {
+    T* o = out + int64_t(blockIdx.x) * k * k;
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int v = 0; v < 4; ++v)
+        if (i0 + u < k && j0 + v < k) o[(i0 + u) * k + j0 + v] = acc[u][v];
   }
 }
 
@@ -194,11 +226,13 @@ void mask_scale_rows(DType dt, const uint32_t* bits, int64_t row0, int64_t rows,
 void lowrank_gram_partials(DType dt, const void* X, const void* Y, int64_t rows, int64_t k, int64_t nparts, void* out,
                            cudaStream_t s) {
   if (nparts < 1 || nparts > 65535) throw std::invalid_argument("kernels::cuda::lowrank_gram_partials: nparts in [1, 65535]");
+  if (k < 1 || k > 64) throw std::invalid_argument("kernels::cuda::lowrank_gram_partials: k must be in [1, 64]");
   f32_f64(dt, "lowrank_gram_partials", [&](auto z) {
     using T = decltype(z);
     const int64_t chunk = (rows + nparts - 1) / nparts;
-    gram_partials_kernel<T><<<unsigned(nparts), 256, 0, s>>>(static_cast<const T*>(X), static_cast<const T*>(Y), rows,
-                                                              int(k), chunk, static_cast<T*>(out));
+    const size_t smem = size_t(2 * kGramRows) * size_t(k) * sizeof(T);  // 32 KiB at k = 64 in f64
+    gram_partials_kernel<T><<<unsigned(nparts), 256, smem, s>>>(static_cast<const T*>(X), static_cast<const T*>(Y),
+                                                                 rows, int(k), chunk, static_cast<T*>(out));
     CUDA_CHECK_LAUNCH();
   });
 }
@@ -230,7 +264,7 @@ void lowrank_k_update(DType dt, const KChain& ks, const void* gKp_parts, int64_t
     const size_t bytes = size_t(k_update_mats(int(ks.L))) * size_t(ks.k) * size_t(ks.k + 1) * sizeof(T);
     const bool in_smem = bytes <= kMaxSmem;
     const int64_t tiles = (ks.k + 3) / 4 * ((ks.k + 3) / 4) * ks.L;
-    const int threads = int(std::min<int64_t>(1024, std::max<int64_t>(128, (tiles + 31) / 32 * 32)));
+    const int threads = int(std::min<int64_t>(512, std::max<int64_t>(128, (tiles + 31) / 32 * 32)));
     k_update_kernel<T><<<1, threads, in_smem ? bytes : 0, s>>>(ks, static_cast<const T*>(gKp_parts), int(nparts), T(lr),
                                                               static_cast<T*>(Kp), static_cast<T*>(work), in_smem);
     CUDA_CHECK_LAUNCH();
