@@ -4,7 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#include "runtime/dtype.h"
+#include "kernels/dtype.h"
 
 struct CUstream_st;
 typedef struct CUstream_st* cudaStream_t;

@@ -4,6 +4,8 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include "models/tokenizer.h"
 
+#include "runtime/io/dataloader.h"
+
 #include <fmt/format.h>
 #include <pcre2.h>
 #ifdef DEEPLORA_HAVE_ICU
@@ -1017,6 +1019,11 @@ std::string Tokenizer::decode(std::span<const int32_t> ids) const {
 int32_t Tokenizer::vocab_size() const { return int32_t(impl_->id_to_token.size()); }
 size_t Tokenizer::n_merges() const { return impl_->n_merges; }
 int32_t Tokenizer::eot_id() const { return impl_->eot; }
+
+TextEncoder Tokenizer::text_encoder() const {
+  return TextEncoder{[this](std::string_view text, std::vector<int32_t>& out) { encode_append(sanitize_utf8(text), out); },
+                     eot_id()};
+}
 std::optional<int32_t> Tokenizer::bos_id() const { return impl_->bos; }
 
 std::optional<int32_t> Tokenizer::token_to_id(std::string_view vocab_token) const {

@@ -12,6 +12,8 @@
 
 namespace deeplora {
 
+struct TextEncoder;  // runtime/io/dataloader.h
+
 class Tokenizer {
  public:
   // vocab.json: {"token": id, ...} with tokens in GPT-2's byte-to-unicode form; merges.txt: one
@@ -64,6 +66,8 @@ class Tokenizer {
   // Id of "<|endoftext|>" (for a tokenizer.json without it, of Llama 3's "<|end_of_text|>"); -1
   // when there is none.
   int32_t eot_id() const;
+  // The loaders' view of this tokenizer (runtime/io/dataloader.h); refers to *this, which must outlive it.
+  TextEncoder text_encoder() const;
   // The token a tokenizer.json's post-processor puts first (Llama 3's <|begin_of_text|>), if any.
   std::optional<int32_t> bos_id() const;
   // Id of a token given in vocab.json's (byte-to-unicode) spelling, e.g. "\u0120world", or of an

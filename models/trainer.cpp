@@ -151,7 +151,8 @@ Data make_data(const TrainOptions& o, const TrainInputs& in, const Tokenizer* to
     auto load = [&](const std::vector<std::string>& paths) {
       std::vector<int32_t> all;
       for (const std::string& p : paths) {
-        std::vector<int32_t> t = load_token_stream({p}, tok);
+        const TextEncoder enc = tok ? tok->text_encoder() : TextEncoder{};
+        std::vector<int32_t> t = load_token_stream({p}, tok ? &enc : nullptr);
         check_ids(t, V, p, ends_with(p, ".bin") ? nullptr : tok);
         all.insert(all.end(), t.begin(), t.end());
       }
@@ -501,7 +502,7 @@ std::vector<Example> load_examples(const std::vector<std::string>& paths, const 
       }
       cut += mc.n_truncated;
     } else {
-      ex = load_jsonl_examples(p, tok);
+      ex = load_jsonl_examples(p, tok.text_encoder());
     }
     cut += fit_examples(ex, seq_len, p);
     all.insert(all.end(), std::make_move_iterator(ex.begin()), std::make_move_iterator(ex.end()));

@@ -9,7 +9,7 @@
 #include <stdexcept>
 
 #ifdef DEEPLORA_HAVE_CUDA
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 #endif
 
 namespace deeplora {
@@ -86,25 +86,6 @@ void cpu_free(void* p) {
 }
 
 #ifdef DEEPLORA_HAVE_CUDA
-
-void throw_cuda_error(const char* what, const char* err, const char* file, int line) {
-  throw std::runtime_error(fmt::format("{}:{}: {} failed: {}", file, line, what, err));
-}
-
-const char* cublas_status_string(cublasStatus_t s) { return cublasLtGetStatusString(s); }
-
-const char* cusolver_status_string(cusolverStatus_t s) {
-  switch (s) {
-    case CUSOLVER_STATUS_NOT_INITIALIZED: return "CUSOLVER_STATUS_NOT_INITIALIZED";
-    case CUSOLVER_STATUS_ALLOC_FAILED: return "CUSOLVER_STATUS_ALLOC_FAILED";
-    case CUSOLVER_STATUS_INVALID_VALUE: return "CUSOLVER_STATUS_INVALID_VALUE";
-    case CUSOLVER_STATUS_ARCH_MISMATCH: return "CUSOLVER_STATUS_ARCH_MISMATCH";
-    case CUSOLVER_STATUS_EXECUTION_FAILED: return "CUSOLVER_STATUS_EXECUTION_FAILED";
-    case CUSOLVER_STATUS_INTERNAL_ERROR: return "CUSOLVER_STATUS_INTERNAL_ERROR";
-    case CUSOLVER_STATUS_NOT_SUPPORTED: return "CUSOLVER_STATUS_NOT_SUPPORTED";
-    default: return "cusolver error";
-  }
-}
 
 static std::string g_unavailable;
 static bool g_ctx_created = false;

@@ -24,7 +24,7 @@
 #include <mpi.h>
 #endif
 #ifdef DEEPLORA_HAVE_CUDA
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 #ifdef DEEPLORA_HAVE_NCCL
 #include <nccl.h>
 #endif

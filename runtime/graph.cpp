@@ -8,7 +8,7 @@
 #include "runtime/device.h"
 #include "runtime/tape.h"
 #ifdef DEEPLORA_HAVE_CUDA
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 #endif
 
 namespace deeplora {

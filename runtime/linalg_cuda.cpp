@@ -34,7 +34,7 @@
 #include <stdexcept>
 #include <tuple>
 
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 #include "runtime/device.h"
 #include "runtime/linalg.h"
 

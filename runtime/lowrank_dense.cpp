@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <stdexcept>
 
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 #include "kernels/llama.h"
 #include "kernels/lowrank_dense.h"
 #include "kernels/matmul.h"

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <limits>
 
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 #include "kernels/elementwise.h"
 #include "kernels/matmul.h"
 #include "kernels/nn.h"

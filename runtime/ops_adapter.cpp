@@ -4,7 +4,7 @@
 #include <fmt/format.h>
 
 #include "kernels/adapter.h"
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 #include "runtime/op_checks.h"
 #include "runtime/ops.h"
 

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "kernels/attention_cache.h"
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 
 namespace deeplora::ops {
 namespace {

@@ -7,7 +7,7 @@
 
 #include <string>
 
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 #include "kernels/llama.h"
 #include "runtime/op_checks.h"
 

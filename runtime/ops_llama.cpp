@@ -6,7 +6,7 @@
 
 #include <cmath>
 
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 #include "kernels/llama.h"
 #include "runtime/op_checks.h"
 

@@ -11,7 +11,7 @@
 #include <stdexcept>
 #include <unordered_set>
 
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 #include "kernels/optim.h"
 
 namespace deeplora {

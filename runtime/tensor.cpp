@@ -5,35 +5,17 @@
 
 #include <stdexcept>
 
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 #include "kernels/elementwise.h"
 #include "runtime/device.h"
 #ifdef DEEPLORA_HAVE_CUDA
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 #endif
 
 namespace deeplora {
 
 const char* device_name(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
 
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::f32: return "f32";
-    case DType::bf16: return "bf16";
-    case DType::f64: return "f64";
-    case DType::i32: return "i32";
-  }
-  return "?";
-}
-
-DType dtype_from_name(const char* s) {
-  std::string n(s);
-  if (n == "f32" || n == "float32" || n == "fp32") return DType::f32;
-  if (n == "bf16" || n == "bfloat16") return DType::bf16;
-  if (n == "f64" || n == "float64" || n == "fp64") return DType::f64;
-  if (n == "i32" || n == "int32") return DType::i32;
-  throw std::invalid_argument(fmt::format("unknown dtype '{}' (expected f32, bf16, f64 or i32)", n));
-}
 
 void check(bool cond, const char* op, const std::string& msg) {
   if (!cond) throw std::invalid_argument(fmt::format("{}: {}", op, msg));

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/dtype.h"
+#include "kernels/dtype.h"
 
 namespace deeplora {
 

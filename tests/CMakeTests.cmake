@@ -6,3 +6,10 @@ if(_deeplora_py EQUAL 0)
 else()
   message(STATUS "deeplora: /usr/bin/python3 with matplotlib + numpy not found: the study report's self-test is left out")
 endif()
+
+# House rules (tools/check_layers.py): no include from a lower layer to a higher one, no source file
+# over 600 lines, beyond the debt listed in the script.
+find_package(Python3 COMPONENTS Interpreter QUIET)
+if(Python3_Interpreter_FOUND)
+  add_test(NAME house_rules COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/tools/check_layers.py)
+endif()

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 #include "kernels/lowrank_dense.h"
 #include "runtime/device.h"
 #include "runtime/tensor.h"

@@ -10,13 +10,13 @@
 #include <string>
 #include <vector>
 
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 #include "kernels/matmul.h"
 #include "runtime/device.h"
 #include "runtime/ops.h"
 #include "test_util.h"
 #ifdef DEEPLORA_HAVE_CUDA
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 #endif
 
 using namespace deeplora;

@@ -142,7 +142,7 @@ TEST_CASE("cross-entropy ignores masked rows and matches a hand computation") {
   CHECK(ops::cross_entropy(logits, all_ignored).item() == 0.0);
 }
 
-TEST_CASE("caching allocator: no cudaMalloc after warm-up") {
+TEST_CASE("caching allocator on CUDA: no cudaMalloc after warm-up") {
   if (!cuda_available()) {
     MESSAGE("skipped: " << cuda_unavailable_reason());
     return;

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 #include "kernels/rng.h"
 #include "kernels/sparse.h"
 #include "runtime/device.h"

@@ -37,7 +37,7 @@
 #include "kernels/matmul.h"
 #include "kernels/nn.h"
 #include "kernels/optim.h"
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 #include "runtime/optim.h"
 #endif
 

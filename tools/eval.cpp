@@ -106,7 +106,8 @@ int main(int argc, char** argv) {
                     {"tokens_per_s", double(l.tokens) / l.seconds}});
       } else {
         const bool shard = path.size() > 4 && path.compare(path.size() - 4, 4, ".bin") == 0;
-        std::vector<int32_t> toks = load_token_stream({path}, shard ? nullptr : &tokenizer());
+        const TextEncoder enc = shard ? TextEncoder{} : tokenizer().text_encoder();
+        std::vector<int32_t> toks = load_token_stream({path}, shard ? nullptr : &enc);
         LmLoss l = lm_loss(model, toks, T, batch);
         out.update({{"kind", shard ? "shards" : "text"}, {"tokens", l.tokens}, {"loss", l.loss}, {"ppl", l.ppl},
                     {"seconds", l.seconds}, {"tokens_per_s", double(l.tokens) / l.seconds}});

@@ -11,7 +11,7 @@
 #include <stdexcept>
 #include <type_traits>
 
-#include "runtime/dtype.h"
+#include "kernels/dtype.h"
 
 namespace deeplora::kernels::cpu {
 

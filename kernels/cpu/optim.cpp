@@ -9,7 +9,7 @@
 #include <stdexcept>
 #include <type_traits>
 
-#include "runtime/dtype.h"
+#include "kernels/dtype.h"
 
 namespace deeplora::kernels::cpu {
 namespace {

@@ -12,7 +12,7 @@
 
 #include "kernels/cuda/attention_flash.cuh"
 #include "kernels/cuda/matmul_lt.cuh"
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 #include "runtime/device.h"
 
 namespace deeplora::kernels::cuda {

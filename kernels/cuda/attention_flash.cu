@@ -10,7 +10,7 @@
 
 #include "kernels/cuda/attention_flash.cuh"
 #include "kernels/cuda/flash_ptx.cuh"
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 
 namespace deeplora::kernels::cuda::detail {
 namespace {

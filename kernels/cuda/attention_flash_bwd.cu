@@ -20,7 +20,7 @@
 #include "kernels/cuda/attention_flash.cuh"
 #include "kernels/cuda/flash_ptx.cuh"
 #include "kernels/cuda/cuda_utils.cuh"
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 
 namespace deeplora::kernels::cuda::detail {
 namespace {

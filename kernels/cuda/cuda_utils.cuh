@@ -11,9 +11,9 @@
 #include <string>
 #include <type_traits>
 
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 #include "runtime/device.h"
-#include "runtime/dtype.h"
+#include "kernels/dtype.h"
 
 namespace deeplora::kernels::cuda::util {
 

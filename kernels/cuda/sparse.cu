@@ -12,7 +12,7 @@
 #include <string>
 
 #include "kernels/sparse.h"
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 #include "runtime/device.h"
 
 namespace deeplora::kernels::cuda {

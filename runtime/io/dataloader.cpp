@@ -10,7 +10,6 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "models/tokenizer.h"
 #include "runtime/io/token_shards.h"
 
 namespace deeplora {
@@ -27,7 +26,8 @@ static std::string read_text(const std::string& path) {
   return ss.str();
 }
 
-std::vector<Example> load_jsonl_examples(const std::string& path, const Tokenizer& tok) {
+std::vector<Example> load_jsonl_examples(const std::string& path, const TextEncoder& enc) {
+  if (!enc.encode) throw std::invalid_argument(fmt::format("{}: JSONL data needs a tokenizer (--vocab-dir)", path));
   std::ifstream f(path);
   if (!f) throw std::runtime_error(fmt::format("{}: cannot open", path));
   std::vector<Example> out;
@@ -48,10 +48,10 @@ std::vector<Example> load_jsonl_examples(const std::string& path, const Tokenize
                                            path, lineno));
     Example ex;
     ex.line = lineno;
-    tok.encode_append(sanitize_utf8(j["prompt"].get<std::string>()), ex.tokens);
+    enc.encode(j["prompt"].get<std::string>(), ex.tokens);
     ex.n_prompt = int64_t(ex.tokens.size());
-    tok.encode_append(sanitize_utf8(j["completion"].get<std::string>()), ex.tokens);
-    if (tok.eot_id() >= 0) ex.tokens.push_back(tok.eot_id());
+    enc.encode(j["completion"].get<std::string>(), ex.tokens);
+    if (enc.eot >= 0) ex.tokens.push_back(enc.eot);
     out.push_back(std::move(ex));
   }
   if (out.empty()) throw std::runtime_error(fmt::format("{}: no examples", path));
@@ -76,7 +76,7 @@ int64_t fit_examples(std::vector<Example>& examples, int64_t T, const std::strin
   return n_cut;
 }
 
-std::vector<int32_t> load_token_stream(const std::vector<std::string>& paths, const Tokenizer* tok) {
+std::vector<int32_t> load_token_stream(const std::vector<std::string>& paths, const TextEncoder* enc) {
   std::vector<int32_t> out;
   for (const std::string& p : paths) {
     const bool shard = p.size() > 4 && p.compare(p.size() - 4, 4, ".bin") == 0;
@@ -84,11 +84,11 @@ std::vector<int32_t> load_token_stream(const std::vector<std::string>& paths, co
       auto t = read_token_shard(p);
       out.insert(out.end(), t.begin(), t.end());
     } else {
-      if (!tok) throw std::runtime_error(fmt::format("{}: text data needs a tokenizer (--vocab-dir)", p));
-      std::string text = sanitize_utf8(read_text(p));
+      if (!enc || !enc->encode) throw std::runtime_error(fmt::format("{}: text data needs a tokenizer (--vocab-dir)", p));
+      const std::string text = read_text(p);
       // Each text file is one document, followed by <|endoftext|>.
-      tok->encode_append(text, out);
-      if (tok->eot_id() >= 0) out.push_back(tok->eot_id());
+      enc->encode(text, out);
+      if (enc->eot >= 0) out.push_back(enc->eot);
     }
   }
   return out;

@@ -3,12 +3,21 @@
 // from a seed and sharded by rank: in one epoch no two ranks see the same window.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace deeplora {
 
-class Tokenizer;
+// What the loaders need of a tokenizer (the runtime does not know the models' tokenizers;
+// models/tokenizer.h makes one with Tokenizer::text_encoder()): text -> ids appended to `out`, and the
+// end-of-text id appended after each document or example (< 0: none). Text comes as read from the
+// files: the encoder handles invalid UTF-8 (the tokenizer's replaces it, as Python's "replace").
+struct TextEncoder {
+  std::function<void(std::string_view text, std::vector<int32_t>& out)> encode;
+  int32_t eot = -1;
+};
 
 struct Batch {
   int64_t B = 0, T = 0;
@@ -25,14 +34,14 @@ struct Example {
 
 // Reads prompt/completion JSONL ({"prompt": ..., "completion": ...} per line). Throws naming the file
 // and line on bad JSON or missing fields.
-std::vector<Example> load_jsonl_examples(const std::string& path, const Tokenizer& tok);
+std::vector<Example> load_jsonl_examples(const std::string& path, const TextEncoder& enc);
 // Makes every example fit T + 1 tokens (T model inputs) without losing a completion token: a prompt
 // too long is cut from the left; a completion longer than T is an error naming `what` and the line.
 // Returns the number of examples whose prompt was cut.
 int64_t fit_examples(std::vector<Example>& examples, int64_t T, const std::string& what);
 // Tokens of text files (each file one document, followed by <|endoftext|>) or llm.c shards (*.bin),
-// by extension.
-std::vector<int32_t> load_token_stream(const std::vector<std::string>& paths, const Tokenizer* tok);
+// by extension. enc may be null when every path is a shard.
+std::vector<int32_t> load_token_stream(const std::vector<std::string>& paths, const TextEncoder* enc);
 
 class DataLoader {
  public:

@@ -5,7 +5,7 @@
 
 #include "runtime/device.h"
 #ifdef DEEPLORA_HAVE_CUDA
-#include "runtime/cuda_check.h"
+#include "kernels/cuda_check.h"
 #endif
 
 namespace deeplora {
