@@ -7,7 +7,7 @@
 #include <limits>
 #include <stdexcept>
 
-#include "kernels/dispatch.h"
+#include "runtime/dispatch.h"
 #include "kernels/sparse.h"
 #include "runtime/op_checks.h"
 
@@ -250,6 +250,46 @@ void sgd_step(const std::vector<Tensor>& params, const std::vector<double>& lrs)
     items.push_back({p.data(), p.grad().data(), p.numel(), lrs[i]});
   }
   DL_SK(d, sgd_multi, dt, items.data(), int(items.size()), true, stream_for(d));
+}
+
+void pattern_residual_into(const SparsePattern& pat, const Tensor& X, const Tensor& vals, double alpha,
+                           const Tensor& Y, cudaStream_t s) {
+  const char* op = "pattern_residual_into";
+  check_float(op, X, "X");
+  const Device dev = X.device();
+  check_pattern(op, pat, dev);
+  check(X.ndim() == 2 && X.dim(0) == pat.rows && X.dim(1) == pat.cols, op,
+        fmt::format("X {} must be [{}, {}]", X.desc(), pat.rows, pat.cols));
+  check(Y.defined() && Y.shape() == X.shape() && Y.dtype() == X.dtype() && Y.device() == dev, op,
+        fmt::format("Y must be laid out like X {}", X.desc()));
+  check(vals.defined() && vals.numel() == pat.nnz && vals.dtype() == X.dtype() && vals.device() == dev, op,
+        fmt::format("vals must be {} [{}] on {}", dtype_name(X.dtype()), pat.nnz, device_name(dev)));
+  DL_SK(dev, pattern_residual, X.dtype(), i32(pat.row_idx), i32(pat.col_idx), pat.nnz, X.data(), vals.data(), alpha,
+        pat.cols, Y.data(), s ? s : stream_for(dev));
+}
+
+void lowrank_unobserved_sq_sum(const SparsePattern& pat, const Tensor& X1, const Tensor& Y1, const Tensor& X2,
+                               const Tensor& Y2, const Tensor& out) {
+  const char* op = "lowrank_unobserved_sq_sum";
+  check_float(op, X1, "X1");
+  const Device dev = X1.device();
+  const DType dt = X1.dtype();
+  check_pattern(op, pat, dev);
+  auto same = [&](const Tensor& t, const char* what, int64_t rows) {
+    check(t.defined() && t.ndim() == 2 && t.dim(0) == rows && t.dtype() == dt && t.device() == dev, op,
+          fmt::format("{} must be {} [{}, k] on {} (got {})", what, dtype_name(dt), rows, device_name(dev),
+                      t.defined() ? t.desc() : std::string("undefined")));
+  };
+  same(X1, "X1", pat.rows);
+  same(Y1, "Y1", pat.cols);
+  check(Y1.dim(1) == X1.dim(1), op, "X1 and Y1 must have the same width");
+  same(X2, "X2", pat.rows);
+  same(Y2, "Y2", pat.cols);
+  check(Y2.dim(1) == X2.dim(1), op, "X2 and Y2 must have the same width");
+  check(out.defined() && out.numel() == 1 && out.dtype() == DType::f64 && out.device() == dev, op,
+        "out must be one f64 element on the tensors' device");
+  DL_SK(dev, lowrank_unobserved_sq_sum, dt, i32(pat.row_ptr), i32(pat.col_idx), pat.rows, pat.cols, X1.data(),
+        Y1.data(), X1.dim(1), X2.data(), Y2.data(), X2.dim(1), out.data(), stream_for(dev));
 }
 
 void lowrank_step(const SparsePattern& pat, const Tensor& vals_csr, const Tensor& vals_csc, const Tensor& A,

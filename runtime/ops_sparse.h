@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/common.h"
 #include "runtime/tape.h"
 #include "runtime/tensor.h"
 
@@ -62,6 +63,16 @@ Tensor sq_error(const Tensor& x, const Tensor& target, double alpha, const Tenso
 // kept, so a captured step keeps its addresses). One launch per group of 8 tensors. Throws naming
 // the tensor if one has no gradient or the lists differ in length.
 void sgd_step(const std::vector<Tensor>& params, const std::vector<double>& lrs);
+
+// Not on the tape, for hand-fused steps: Y[i_e, j_e] = alpha·(X[i_e, j_e] − vals[e]) at the pattern's
+// entries, X and Y dense [rows, cols] (Y's other entries untouched: the gradient of ½·alpha·Σ (X − vals)²
+// when Y is zero off the pattern), on stream s (nullptr: the device's). Throws naming the tensor.
+void pattern_residual_into(const SparsePattern& pat, const Tensor& X, const Tensor& vals, double alpha,
+                           const Tensor& Y, cudaStream_t s = nullptr);
+// out (one f64 element) = Σ over the entries NOT in the pattern of (X1_i·Y1_j − X2_i·Y2_j)², exact
+// (O(rows·cols·(k1 + k2))): the recovery error's sum for W = X1·Y1ᵀ against M = X2·Y2ᵀ.
+void lowrank_unobserved_sq_sum(const SparsePattern& pat, const Tensor& X1, const Tensor& Y1, const Tensor& X2,
+                               const Tensor& Y2, const Tensor& out);
 
 // `steps` fused compressed-factorization GD iterations (kernels::lowrank_step, not on the tape) over
 // `pat`: updates A [rows, k], B [cols, k] and every K_l [k, k] in place and writes the loss of the
