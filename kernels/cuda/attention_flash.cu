@@ -18,7 +18,7 @@ using namespace ptx;
 
 using bf16_t = __nv_bfloat16;
 
-constexpr int kHd = 64;        // head size
+constexpr int kHd = detail::kFlashHd;  // head size
 constexpr int kBr = 64;        // query rows per block (16 per warp)
 constexpr int kBc = 64;        // keys per tile
 constexpr int kWarps = 4;
@@ -184,7 +184,7 @@ void flash_fwd_bf16(const void* qkv, void* out, float* lse, int64_t B, int64_t T
   const int64_t q_tiles = (T + kBr - 1) / kBr;
   if (q_tiles > 65535 || B * H > INT32_MAX || T > INT32_MAX || 3 * C > INT32_MAX)
     throw std::invalid_argument("attention_fwd (flash): shape too large for the grid");
-  const float scale_log2 = float(1.4426950408889634 / 8.0);  // log2(e) / sqrt(64)
+  const float scale_log2 = detail::flash_scale_log2();
   dim3 grid(unsigned(B * H), unsigned(q_tiles));
   flash_fwd_kernel<<<grid, kWarps * 32, 0, s>>>(static_cast<const bf16_t*>(qkv), static_cast<bf16_t*>(out), lse,
                                                 int(T), int(C), int(H), scale_log2);

@@ -28,7 +28,7 @@ using namespace ptx;
 
 using bf16_t = __nv_bfloat16;
 
-constexpr int kHd = 64;            // head size
+constexpr int kHd = detail::kFlashHd;  // head size
 constexpr int kTile = 64;          // rows of a streamed tile: keys (dQ pass) or queries (dK/dV pass)
 constexpr int kStride = kHd + 8;   // smem row pitch in elements: 144 B, so ldmatrix rows hit distinct banks
 constexpr int kQWarps = 4;         // dQ pass: 16 query rows per warp; kQWarps * 16 == kTile (diagonal logic)
@@ -405,8 +405,8 @@ void flash_bwd_bf16(const void* qkv, const void* out, const float* lse, const vo
   const int64_t q_blocks = (T + kQRows - 1) / kQRows, k_blocks = (T + kKeys - 1) / kKeys;
   if (q_blocks > 65535 || B * H > INT32_MAX || T > INT32_MAX / 4 || 3 * C > INT32_MAX)
     throw std::invalid_argument("attention_bwd (flash): shape too large for the grid");
-  const float scale_log2 = float(1.4426950408889634 / 8.0);  // log2(e) / sqrt(64)
-  const float scale = 0.125f;                                // 1 / sqrt(64)
+  const float scale_log2 = detail::flash_scale_log2();
+  const float scale = detail::flash_scale();
   const auto* q = static_cast<const bf16_t*>(qkv);
   auto* dq = static_cast<bf16_t*>(dqkv);
   util::Scratch D(size_t(B * H * T) * sizeof(float));
