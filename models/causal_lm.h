@@ -112,6 +112,9 @@ class CausalLM {
   // through cross_entropy(..., vocab_size)).
   virtual int64_t padded_vocab() const = 0;
   virtual int64_t max_positions() const = 0;   // longest sequence (GPT-2: n_positions)
+  // config.json's bos_token_id: the token generate starts an empty prompt from, as transformers'
+  // generate does when input_ids is empty (GPT-2: 50256); -1 when the model has none.
+  virtual int64_t bos_token_id() const { return -1; }
   virtual int64_t n_layer() const = 0;
   virtual int64_t hidden_size() const = 0;     // C of the hidden states
   virtual int64_t n_params() const = 0;        // every parameter element (real vocabulary rows)

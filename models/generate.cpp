@@ -88,10 +88,23 @@ GenerateResult generate(CausalLM& model, const std::vector<std::vector<int32_t>>
   const int64_t B = int64_t(prompts.size()), Vp = model.padded_vocab(), n_positions = model.max_positions();
   const int64_t vocab = model.vocab_size();
   const int64_t V = o.n_vocab > 0 ? std::min(o.n_vocab, vocab) : vocab;
+  // The rows as run: an empty prompt is the model's BOS alone, as transformers' generate starts from
+  // bos_token_id when input_ids is empty. The BOS is context, not output: every row still gets
+  // max_new_tokens new tokens (fewer only when it emits stop_id).
+  std::vector<std::vector<int32_t>> rows = prompts;
+  const int64_t bos = model.bos_token_id();
   int64_t Tp = 0;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    const auto& p = prompts[i];
-    if (p.empty()) throw std::invalid_argument(fmt::format("generate: prompt {} is empty", i));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    auto& p = rows[i];
+    if (p.empty()) {
+      if (bos < 0)
+        throw std::invalid_argument(
+            fmt::format("generate: prompt {} is empty and the model has no bos_token_id to start it from", i));
+      if (bos >= vocab)
+        throw std::invalid_argument(fmt::format(
+            "generate: prompt {} is empty and the model's bos_token_id {} is outside its vocabulary ({})", i, bos, vocab));
+      p.push_back(int32_t(bos));
+    }
     if (int64_t(p.size()) + o.max_new_tokens > n_positions)
       throw std::invalid_argument(fmt::format("generate: prompt {} has {} tokens; with --max-new-tokens {} that exceeds "
                                               "the model's n_positions {}",
@@ -131,7 +144,7 @@ GenerateResult generate(CausalLM& model, const std::vector<std::vector<int32_t>>
   {
     std::vector<int32_t> tok(static_cast<size_t>(B * Tp)), pos(static_cast<size_t>(B * Tp)), last(static_cast<size_t>(B));
     for (int64_t b = 0; b < B; ++b) {
-      const auto& p = prompts[size_t(b)];
+      const auto& p = rows[size_t(b)];
       for (int64_t t = 0; t < Tp; ++t) {
         tok[size_t(b * Tp + t)] = p[size_t(std::min<int64_t>(t, int64_t(p.size()) - 1))];
         pos[size_t(b * Tp + t)] = int32_t(t);
@@ -168,7 +181,7 @@ GenerateResult generate(CausalLM& model, const std::vector<std::vector<int32_t>>
     for (int64_t b = 0; b < B; ++b) {
       // A finished row keeps feeding its last token (its output is no longer read).
       tokv[size_t(b)] = r.tokens[size_t(b)].back();
-      posv[size_t(b)] = int32_t(int64_t(prompts[size_t(b)].size()) + s - 1);
+      posv[size_t(b)] = int32_t(int64_t(rows[size_t(b)].size()) + s - 1);
     }
     dtok.copy_from(staging.upload(tokv, Shape{B, 1}, dev));
     dpos.copy_from(staging.upload(posv, Shape{B, 1}, dev));

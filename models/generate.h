@@ -26,7 +26,7 @@ struct GenerateOptions {
 
 struct GenerateResult {
   std::vector<std::vector<int32_t>> tokens;  // new tokens of each prompt (ending with stop_id if it stopped)
-  int64_t prefill_tokens = 0;                // prompt tokens processed
+  int64_t prefill_tokens = 0;                // prompt tokens processed (an empty prompt's BOS included)
   int64_t decode_steps = 0;                  // batched decode steps after the prefill
   double prefill_seconds = 0, decode_seconds = 0;
   bool graph_used = false;
@@ -35,8 +35,11 @@ struct GenerateResult {
   double decode_tokens_per_s() const;
 };
 
-// Every prompt must be non-empty and fit n_positions together with max_new_tokens (else
-// std::invalid_argument naming the prompt). Runs under NoGrad.
+// Each prompt gets exactly max_new_tokens new tokens, fewer only when it emits stop_id. An empty
+// prompt starts from the model's bos_token_id(), as transformers' generate starts from bos_token_id
+// when input_ids is empty (std::invalid_argument when the model has none in its vocabulary). Every
+// prompt must fit n_positions together with max_new_tokens (its BOS counted), and hold only token
+// ids of the vocabulary (else std::invalid_argument naming the prompt). Runs under NoGrad.
 GenerateResult generate(CausalLM& model, const std::vector<std::vector<int32_t>>& prompts, const GenerateOptions& o);
 
 // Picks a token from one row of logits (n values) as generate does with temperature > 0: softmax of

@@ -48,6 +48,7 @@ class Gpt : public CausalLM {
   int64_t vocab_size() const override { return cfg_.vocab_size; }
   int64_t padded_vocab() const override { return cfg_.padded_vocab(); }
   int64_t max_positions() const override { return cfg_.n_positions; }
+  int64_t bos_token_id() const override { return 50256; }  // what save_json_file writes (<|endoftext|>)
   int64_t n_layer() const override { return cfg_.n_layer; }
   int64_t hidden_size() const override { return cfg_.n_embd; }
   int64_t n_params() const override { return cfg_.n_params(); }

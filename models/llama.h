@@ -57,6 +57,7 @@ class Llama : public CausalLM {
   int64_t vocab_size() const override { return cfg_.vocab_size; }
   int64_t padded_vocab() const override { return cfg_.padded_vocab(); }
   int64_t max_positions() const override;
+  int64_t bos_token_id() const override { return cfg_.bos_token_id; }
   int64_t n_layer() const override { return cfg_.num_hidden_layers; }
   int64_t hidden_size() const override { return cfg_.hidden_size; }
   int64_t n_params() const override { return cfg_.n_params(); }

@@ -208,6 +208,48 @@ TEST_CASE("generate: KV-cache greedy decoding gives exactly the tokens of full r
   }
 }
 
+TEST_CASE("generate: exactly max_new_tokens new tokens for empty and non-empty prompts (an empty one starts from BOS)") {
+  // GPT-2's vocabulary, so its bos_token_id 50256 is a token of the model (tiny's 512 lack it).
+  GptConfig c = tiny();
+  c.n_layer = 1;
+  c.vocab_size = 50257;
+  Gpt model(c, DType::f32, Device::cpu, 11);
+  REQUIRE(model.bos_token_id() == 50256);
+  const std::vector<std::vector<int32_t>> prompts = {{}, {5, 17, 300}, {}};
+  for (int64_t n : {1, 2, 7}) {
+    CAPTURE(n);
+    GenerateOptions o;
+    o.max_new_tokens = n;
+    o.stop_id = -1;
+    GenerateResult r = generate(model, prompts, o);
+    REQUIRE(r.tokens.size() == 3);
+    for (const auto& t : r.tokens) CHECK(int64_t(t.size()) == n);
+    // As transformers: the empty prompt is [bos_token_id]; the BOS is context, not a new token.
+    CHECK(r.tokens[0] == greedy_full(model, {50256}, n));
+    CHECK(r.tokens[1] == greedy_full(model, prompts[1], n));
+    CHECK(r.tokens[2] == r.tokens[0]);
+    CHECK(r.prefill_tokens == 5);
+    CHECK(r.decode_steps == n - 1);
+    CHECK(generate(model, {{}}, o).tokens == std::vector<std::vector<int32_t>>{r.tokens[0]});
+    o.temperature = 1.0;  // sampling: the same count
+    for (const auto& t : generate(model, prompts, o).tokens) CHECK(int64_t(t.size()) == n);
+  }
+  // A stop token ends a row early (kept); an empty prompt fits n_positions with its BOS.
+  GenerateOptions o;
+  o.max_new_tokens = 7;
+  o.stop_id = -1;
+  const std::vector<int32_t> seven = generate(model, {{}}, o).tokens[0];
+  o.stop_id = seven[2];
+  const std::vector<int32_t> stopped = generate(model, {{}}, o).tokens[0];
+  const auto at = std::find(seven.begin(), seven.end(), o.stop_id);
+  CHECK(stopped == std::vector<int32_t>(seven.begin(), at + 1));
+  o.stop_id = -1;
+  o.max_new_tokens = c.n_positions - 1;
+  CHECK(int64_t(generate(model, {{}}, o).tokens[0].size()) == c.n_positions - 1);
+  o.max_new_tokens = c.n_positions;
+  CHECK(contains(error_of([&] { generate(model, {{}}, o); }), "prompt 0 has 1 tokens; with --max-new-tokens 128"));
+}
+
 TEST_CASE("generate: stop token, sampling reproducible per row, top-k / top-p, bad options") {
   Gpt model(tiny(), DType::f32, Device::cpu, 9);
   std::vector<std::vector<int32_t>> prompts = {{1, 2, 3}, {4}};
@@ -252,7 +294,8 @@ TEST_CASE("generate: stop token, sampling reproducible per row, top-k / top-p, b
   bad = g;
   bad.temperature = -1;
   CHECK(contains(error_of([&] { generate(model, prompts, bad); }), "--temperature -1"));
-  CHECK(contains(error_of([&] { generate(model, {{1}, {}}, g); }), "prompt 1 is empty"));
+  CHECK(contains(error_of([&] { generate(model, {{1}, {}}, g); }),
+                 "prompt 1 is empty and the model's bos_token_id 50256 is outside its vocabulary (512)"));
   CHECK(contains(error_of([&] { generate(model, {{1, 999}}, g); }), "prompt 0 has token id 999"));
   GenerateOptions longer = g;
   longer.max_new_tokens = 120;
@@ -442,6 +485,13 @@ TEST_CASE("train binary: the written config.toml reads back with --config to the
                                                 (fs::path(DEEPLORA_BUILD_DIR) / "generate").string(), a));
   REQUIRE_MESSAGE(gen.status == 0, gen.output);
   CHECK(contains(gen.output, "\"decode_tokens\":3"));
+  // An empty prompt gets its --max-new-tokens like any other (tiny has no BOS in its vocabulary: it
+  // starts from the tokenizer's <|endoftext|>).
+  test::Run empty = test::run_command(
+      fmt::format("{} --model {}/final --prompt '' --prompt hello --max-new-tokens 4 --no-stop --device cpu",
+                  (fs::path(DEEPLORA_BUILD_DIR) / "generate").string(), a));
+  REQUIRE_MESSAGE(empty.status == 0, empty.output);
+  CHECK(contains(empty.output, "\"new_tokens\":8"));
   // Old and conflicting spellings.
   test::Run old = test::run_command(fmt::format("{} --init tiny --data {}", train, mc));
   CHECK(old.status != 0);

@@ -359,6 +359,23 @@ TEST_CASE("llama: KV-cache greedy generate gives exactly the tokens of full reco
   }
 }
 
+TEST_CASE("llama: generate gives max_new_tokens new tokens for an empty prompt, started from bos_token_id") {
+  LlamaConfig c = tiny();
+  c.bos_token_id = 1;
+  Llama model(c, DType::f32, Device::cpu, 7);
+  GenerateOptions o;
+  o.max_new_tokens = 6;
+  o.stop_id = -1;
+  GenerateResult r = generate(model, {{}, {5, 17}}, o);
+  REQUIRE(r.tokens.size() == 2);
+  CHECK(r.tokens[0] == greedy_full(model, {1}, 6));
+  CHECK(r.tokens[1] == greedy_full(model, {5, 17}, 6));
+  // A config without bos_token_id (as many Qwen2 ones): an empty prompt is an error naming it.
+  Llama none(tiny("qwen2"), DType::f32, Device::cpu, 7);
+  CHECK(contains(error_of([&] { generate(none, {{3}, {}}, o); }),
+                 "prompt 1 is empty and the model has no bos_token_id to start it from"));
+}
+
 TEST_CASE("llama: LoRA and Deep LoRA attach through the family table and train (loss falls); PEFT names") {
   CHECK(causal_lm_family("llama").targets.peft_default == std::vector<std::string>{"q_proj", "v_proj"});
   CHECK(causal_lm_family("qwen2").hf_module_prefix == "model.");

@@ -110,13 +110,26 @@ int main(int argc, char** argv) {
     int64_t prefill_tokens = 0, decode_tokens = 0, new_tokens = 0;
     double prefill_s = 0, decode_s = 0;
     bool graph_used = false;
+    const bool model_has_bos = lm.model->bos_token_id() >= 0 && lm.model->bos_token_id() < lm.model->vocab_size();
+    const std::string prompt_flag = !prompt_text.empty() ? std::string("--prompt")
+                                    : !prompts_file.empty() ? "--prompts " + prompts_file
+                                                            : "--prompt-ids " + ids_file;
     for (size_t b0 = 0; b0 < texts.size(); b0 += size_t(batch)) {
       std::vector<std::vector<int32_t>> ids;
       const size_t b1 = std::min(texts.size(), b0 + size_t(batch));
       for (size_t i = b0; i < b1; ++i) {
         ids.push_back(given_ids.empty() ? tok.encode(sanitize_utf8(texts[i])) : given_ids[i]);
         if (!given_ids.empty()) texts[i] = sanitize_utf8(tok.decode(given_ids[i]));
-        if (ids.back().empty()) ids.back().push_back(tok.eot_id());  // an empty prompt starts a new document
+        if (ids.back().empty() && !model_has_bos) {
+          // generate starts an empty prompt from the model's bos_token_id; without one (small-vocabulary
+          // GPT-2 presets), from the tokenizer's <|endoftext|>: a new document.
+          if (tok.eot_id() < 0 || tok.eot_id() >= lm.model->vocab_size())
+            throw std::invalid_argument(fmt::format(
+                "{}: prompt {} is empty, and neither the model (bos_token_id) nor the tokenizer (<|endoftext|>) has a "
+                "token to start it from; give a non-empty prompt",
+                prompt_flag, i + 1));
+          ids.back().push_back(tok.eot_id());
+        }
       }
       GenerateResult r = generate(*lm.model, ids, go);
       prefill_tokens += r.prefill_tokens;
