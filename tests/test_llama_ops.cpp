@@ -371,38 +371,48 @@ TEST_CASE("llama ops: CPU vs CUDA forward and backward (f32, bf16)") {
   MESSAGE(fmt::format("llama ops: {} CPU-vs-CUDA cases", n));
 }
 
-TEST_CASE("layout ops: exact values, i32 tensors, and the same on CUDA") {
-  std::vector<Device> devs{Device::cpu};
-  if (cuda_available()) devs.push_back(Device::cuda);
-  for (Device dev : devs) {
-    CAPTURE(device_name(dev));
-    // [2, 3] -> [3, 2]
-    Tensor a = Tensor::from_vector({1, 2, 3, 4, 5, 6}, Shape{2, 3}, DType::f32, dev);
-    CHECK(vals(ops::transpose(a)) == std::vector<double>{1, 4, 2, 5, 3, 6});
-    CHECK(ops::transpose(a).shape() == Shape{3, 2});
-    Tensor b = Tensor::from_vector({7, 8}, Shape{2, 1}, DType::f32, dev);
-    CHECK(vals(ops::concat({a, b})) == std::vector<double>{1, 2, 3, 7, 4, 5, 6, 8});
-    CHECK(vals(ops::slice_last(a, 1, 3)) == std::vector<double>{2, 3, 5, 6});
-    auto parts = ops::split_last(a, {1, 2});
-    CHECK(vals(parts[0]) == std::vector<double>{1, 4});
-    CHECK(vals(parts[1]) == std::vector<double>{2, 3, 5, 6});
-    // i32 (token ids, positions) move unchanged, forward only; 3-D and 4-D batched transposes.
-    std::vector<int32_t> iv(2 * 3 * 37 * 33);
-    for (size_t i = 0; i < iv.size(); ++i) iv[i] = int32_t(i * 7919 % 100003) - 50000;
-    Tensor ti = Tensor::from_ints(iv, Shape{2, 3, 37, 33}, dev);
-    const std::vector<int32_t> tr = ops::transpose(ti).to_int();
-    bool ok = true;
-    for (int64_t bb = 0; bb < 6; ++bb)
-      for (int64_t r = 0; r < 37; ++r)
-        for (int64_t cc = 0; cc < 33; ++cc) ok &= tr[size_t((bb * 33 + cc) * 37 + r)] == iv[size_t((bb * 37 + r) * 33 + cc)];
-    CHECK(ok);
-    Tensor i2 = Tensor::from_ints({1, 2, 3, 4}, Shape{2, 2}, dev), i3 = Tensor::from_ints({9, 8}, Shape{2, 1}, dev);
-    CHECK(ops::concat({i2, i3}).to_int() == std::vector<int32_t>{1, 2, 9, 3, 4, 8});
-    CHECK(ops::slice_last(i2, 1, 2).to_int() == std::vector<int32_t>{2, 4});
-    // Zero-size results.
-    CHECK(ops::slice_last(a, 2, 2).numel() == 0);
-    CHECK(ops::transpose(Tensor::zeros(Shape{0, 4}, DType::f32, dev)).shape() == Shape{4, 0});
+namespace {
+
+// transpose, concat, slice_last and split_last on `dev`: exact values, i32 tensors, zero-size results.
+void check_layout_exact(Device dev) {
+  // [2, 3] -> [3, 2]
+  Tensor a = Tensor::from_vector({1, 2, 3, 4, 5, 6}, Shape{2, 3}, DType::f32, dev);
+  CHECK(vals(ops::transpose(a)) == std::vector<double>{1, 4, 2, 5, 3, 6});
+  CHECK(ops::transpose(a).shape() == Shape{3, 2});
+  Tensor b = Tensor::from_vector({7, 8}, Shape{2, 1}, DType::f32, dev);
+  CHECK(vals(ops::concat({a, b})) == std::vector<double>{1, 2, 3, 7, 4, 5, 6, 8});
+  CHECK(vals(ops::slice_last(a, 1, 3)) == std::vector<double>{2, 3, 5, 6});
+  auto parts = ops::split_last(a, {1, 2});
+  CHECK(vals(parts[0]) == std::vector<double>{1, 4});
+  CHECK(vals(parts[1]) == std::vector<double>{2, 3, 5, 6});
+  // i32 (token ids, positions) move unchanged, forward only; 3-D and 4-D batched transposes.
+  std::vector<int32_t> iv(2 * 3 * 37 * 33);
+  for (size_t i = 0; i < iv.size(); ++i) iv[i] = int32_t(i * 7919 % 100003) - 50000;
+  Tensor ti = Tensor::from_ints(iv, Shape{2, 3, 37, 33}, dev);
+  const std::vector<int32_t> tr = ops::transpose(ti).to_int();
+  bool ok = true;
+  for (int64_t bb = 0; bb < 6; ++bb)
+    for (int64_t r = 0; r < 37; ++r)
+      for (int64_t cc = 0; cc < 33; ++cc) ok &= tr[size_t((bb * 33 + cc) * 37 + r)] == iv[size_t((bb * 37 + r) * 33 + cc)];
+  CHECK(ok);
+  Tensor i2 = Tensor::from_ints({1, 2, 3, 4}, Shape{2, 2}, dev), i3 = Tensor::from_ints({9, 8}, Shape{2, 1}, dev);
+  CHECK(ops::concat({i2, i3}).to_int() == std::vector<int32_t>{1, 2, 9, 3, 4, 8});
+  CHECK(ops::slice_last(i2, 1, 2).to_int() == std::vector<int32_t>{2, 4});
+  // Zero-size results.
+  CHECK(ops::slice_last(a, 2, 2).numel() == 0);
+  CHECK(ops::transpose(Tensor::zeros(Shape{0, 4}, DType::f32, dev)).shape() == Shape{4, 0});
+}
+
+}  // namespace
+
+TEST_CASE("layout ops: exact values and i32 tensors (CPU)") { check_layout_exact(Device::cpu); }
+
+TEST_CASE("layout ops on CUDA: exact values and i32 tensors") {
+  if (!cuda_available()) {
+    MESSAGE("skipped: " << cuda_unavailable_reason());
+    return;
   }
+  check_layout_exact(Device::cuda);
 }
 
 TEST_CASE("llama ops: RMSNorm against a hand computation and HF's bf16 rounding order") {
