@@ -433,7 +433,7 @@ TEST_CASE("trainer: model flags, data formats and example fitting give clear err
   p.seq_len = 12;
   CHECK(contains(error_of([&] { train(p); }), "pc.jsonl:1: the completion has 18 tokens"));
   Tokenizer tok = Tokenizer::from_dir(vocab);
-  std::vector<Example> ex = load_jsonl_examples(p.data[0], tok);
+  std::vector<Example> ex = load_jsonl_examples(p.data[0], tok.text_encoder());
   ex.erase(ex.begin());
   CHECK(fit_examples(ex, 12, "f") == 1);
   CHECK(ex[0].tokens.size() == 13);
