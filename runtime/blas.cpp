@@ -10,6 +10,36 @@
 
 namespace deeplora {
 
+namespace {
+
+kernels::Gemm make_gemm(DType dt, bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const void* A,
+                        int64_t lda, const void* B, int64_t ldb, double beta, void* C, int64_t ldc) {
+  kernels::Gemm g;
+  g.dt = dt;
+  g.ta = ta;
+  g.tb = tb;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.A = A;
+  g.lda = lda;
+  g.B = B;
+  g.ldb = ldb;
+  g.C = C;
+  g.ldc = ldc;
+  g.alpha = alpha;
+  g.beta = beta;
+  return g;
+}
+
+}  // namespace
+
+void gemm_ptr(Device dev, DType dt, bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const void* A,
+              int64_t lda, const void* B, int64_t ldb, double beta, void* C, int64_t ldc, cudaStream_t s) {
+  DEEPLORA_DISPATCH(dev, gemm, make_gemm(dt, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc),
+                    s ? s : stream_for(dev));
+}
+
 void gemm_into(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& C, double alpha, const Tensor* Cin,
                cudaStream_t s, const Tensor& workspace) {
   auto bad = [](const std::string& m) { throw std::invalid_argument("gemm_into: " + m); };
@@ -26,21 +56,8 @@ void gemm_into(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor&
   if (C.dim(0) != M || C.dim(1) != N) bad(fmt::format("C {} must be [{}, {}]", C.desc(), M, N));
   if (Cin && (!Cin->defined() || Cin->shape() != C.shape() || Cin->dtype() != dt || Cin->device() != dev))
     bad(fmt::format("Cin must be laid out like C {}", C.desc()));
-  kernels::Gemm g;
-  g.dt = dt;
-  g.ta = ta;
-  g.tb = tb;
-  g.M = M;
-  g.N = N;
-  g.K = K;
-  g.A = A.data();
-  g.lda = A.dim(1);
-  g.B = B.data();
-  g.ldb = B.dim(1);
-  g.C = C.data();
-  g.ldc = N;
-  g.alpha = alpha;
-  g.beta = Cin ? 1.0 : 0.0;
+  kernels::Gemm g = make_gemm(dt, ta, tb, M, N, K, alpha, A.data(), A.dim(1), B.data(), B.dim(1), Cin ? 1.0 : 0.0,
+                              C.data(), N);
   g.Cin = Cin ? Cin->data() : nullptr;
   if (workspace.defined()) {
     if (workspace.device() != dev || workspace.nbytes() < gemm_workspace_bytes(dev))

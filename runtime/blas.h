@@ -17,6 +17,10 @@ namespace deeplora {
 // naming the operand on a mismatch.
 void gemm_into(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& C, double alpha,
                const Tensor* Cin = nullptr, cudaStream_t s = nullptr, const Tensor& workspace = Tensor());
+// The same on raw row-major buffers with leading dimensions (sub-blocks of tensors), unchecked:
+// C = alpha·op(A)·op(B) + beta·C (the contract of kernels::Gemm, Cin = C).
+void gemm_ptr(Device dev, DType dt, bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const void* A,
+              int64_t lda, const void* B, int64_t ldb, double beta, void* C, int64_t ldc, cudaStream_t s = nullptr);
 // Bytes of a private cuBLASLt workspace on `dev` (0 on the CPU).
 size_t gemm_workspace_bytes(Device dev);
 

@@ -10,7 +10,7 @@
 #include "runtime/dispatch.h"
 #include "kernels/llama.h"
 #include "kernels/lowrank_dense.h"
-#include "kernels/matmul.h"
+#include "runtime/blas.h"
 #include "runtime/ops.h"
 
 namespace deeplora {
@@ -77,16 +77,15 @@ LowrankDenseStep::LowrankDenseStep(const SparsePattern& pat, const Tensor& U, co
   gKp_ = Tensor::zeros(Shape{nparts_, k_, k_}, dt_, dev_);
   Kp_ = Tensor::zeros(Shape{k_, k_}, dt_, dev_);
   kwork_ = Tensor::zeros(Shape{kernels::k_update_work_elems(k_, int64_t(K.size()))}, dt_, dev_);
+  ks_.L = int64_t(K_.size());
+  ks_.k = k_;
+  for (size_t l = 0; l < K_.size(); ++l) ks_.K[l] = K_[l].data();
   refresh();
 }
 
 void LowrankDenseStep::refresh() {
   DEEPLORA_DISPATCH(dev_, copy_cols, dt_, B_.data(), k_, Y_.data(), k_ + r_, cols_, k_, false, stream_for(dev_));
-  kernels::KChain ks;
-  ks.L = int64_t(K_.size());
-  ks.k = k_;
-  for (size_t l = 0; l < K_.size(); ++l) ks.K[l] = K_[l].data();
-  DEEPLORA_DISPATCH(dev_, lowrank_k_update, dt_, ks, gKp_.data(), nparts_, 0.0, Kp_.data(), kwork_.data(),
+  DEEPLORA_DISPATCH(dev_, lowrank_k_update, dt_, ks_, gKp_.data(), nparts_, 0.0, Kp_.data(), kwork_.data(),
                     stream_for(dev_));
 }
 
@@ -96,29 +95,15 @@ void LowrankDenseStep::step(double lr_inner, double lr_outer) {
   auto at = [&](const Tensor& t, int64_t elems) { return static_cast<char*>(t.data()) + elems * es; };
   auto gemm = [&](const void* A, int64_t lda, bool ta, const void* B, int64_t ldb, bool tb, void* C, int64_t ldc,
                   int64_t M, int64_t N, int64_t K, double alpha, double beta) {
-    kernels::Gemm g;
-    g.dt = dt_;
-    g.ta = ta;
-    g.tb = tb;
-    g.M = M;
-    g.N = N;
-    g.K = K;
-    g.A = A;
-    g.lda = lda;
-    g.B = B;
-    g.ldb = ldb;
-    g.C = C;
-    g.ldc = ldc;
-    g.alpha = alpha;
-    g.beta = beta;
-    DEEPLORA_DISPATCH(dev_, gemm, g, s);
+    gemm_ptr(dev_, dt_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, s);
   };
   // X = [A·Kp | −U]; Y = [B | V] is kept current by the B update.
   gemm(A_.data(), k_, false, Kp_.data(), k_, false, X_.data(), w, rows_, k_, k_, 1.0, 0.0);
   for (int64_t i0 = 0; i0 < rows_; i0 += block_) {
     const int64_t nb = std::min(block_, rows_ - i0);
     gemm(at(X_, i0 * w), w, false, Y_.data(), w, true, R_.data(), cols_, nb, cols_, w, 1.0, 0.0);
-    DEEPLORA_DISPATCH(dev_, mask_scale_rows, dt_, reinterpret_cast<const uint32_t*>(bits_.data()), i0, nb, cols_, alpha_, R_.data(), cols_, s);
+    DEEPLORA_DISPATCH(dev_, mask_scale_rows, dt_, reinterpret_cast<const uint32_t*>(bits_.data()), i0, nb, cols_,
+                      alpha_, R_.data(), cols_, s);
     gemm(R_.data(), cols_, false, B_.data(), k_, false, at(GB_, i0 * k_), k_, nb, k_, cols_, 1.0, 0.0);
     gemm(R_.data(), cols_, true, at(X_, i0 * w), w, false, GtP_.data(), k_, cols_, k_, nb, 1.0, i0 ? 1.0 : 0.0);
   }
@@ -127,11 +112,7 @@ void LowrankDenseStep::step(double lr_inner, double lr_outer) {
   DEEPLORA_DISPATCH(dev_, lowrank_gram_partials, dt_, A_.data(), GB_.data(), rows_, k_, nparts_, gKp_.data(), s);
   gemm(GB_.data(), k_, false, Kp_.data(), k_, true, A_.data(), k_, rows_, k_, k_, -lr_outer, 1.0);
   DEEPLORA_DISPATCH(dev_, axpy_copy_cols, dt_, B_.data(), GtP_.data(), lr_outer, cols_, k_, Y_.data(), w, s);
-  kernels::KChain ks;
-  ks.L = int64_t(K_.size());
-  ks.k = k_;
-  for (size_t l = 0; l < K_.size(); ++l) ks.K[l] = K_[l].data();
-  DEEPLORA_DISPATCH(dev_, lowrank_k_update, dt_, ks, gKp_.data(), nparts_, lr_inner, Kp_.data(), kwork_.data(), s);
+  DEEPLORA_DISPATCH(dev_, lowrank_k_update, dt_, ks_, gKp_.data(), nparts_, lr_inner, Kp_.data(), kwork_.data(), s);
 }
 
 }  // namespace deeplora

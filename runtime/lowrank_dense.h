@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/lowrank_dense.h"
 #include "runtime/ops_sparse.h"
 #include "runtime/tensor.h"
 
@@ -47,6 +48,7 @@ class LowrankDenseStep {
   Tensor bits_;             // i32 [rows, mask_words(cols)]: the observed set as bits
   Tensor X_, Y_;            // [rows, k + r], [cols, k + r]
   Tensor R_;                // [block, cols]
+  kernels::KChain ks_;  // pointers to K_'s buffers (fixed for the step's life)
   Tensor GB_, GtP_, gKp_, Kp_, kwork_;  // gKp_: kernels::gram_parts(rows) partials of Aᵀ·GB
 };
 
